@@ -220,16 +220,25 @@ def validate(cfg: Config) -> None:
     _check("federation.rounds", f.rounds >= 1, f.rounds, ">= 1")
     _check("federation.fraction_train", 0 < f.fraction_train <= 1, f.fraction_train, "in (0, 1]")
     _check("federation.fraction_evaluate", 0 < f.fraction_evaluate <= 1, f.fraction_evaluate, "in (0, 1]")
-    _check("federation.min_train_clients", 1 <= f.min_train_clients, f.min_train_clients, ">= 1")
+    _check("federation.min_train_clients", f.min_train_clients >= 1, f.min_train_clients, ">= 1")
     _check("federation.client_cpus", f.client_cpus > 0, f.client_cpus, "> 0")
     _check("federation.client_gpus", f.client_gpus >= 0, f.client_gpus, ">= 0")
     _check("analysis.every", a.every >= 0, a.every, ">= 0 (0 = off)")
     _one_of("analysis.pairs", a.pairs, ("clients", "global", "both"))
-    _check("analysis.max_clients", 2 <= a.max_clients <= f.clients, a.max_clients, f"in [2, federation.clients={f.clients}]")
+    _check(
+        "analysis.max_clients",
+        2 <= a.max_clients <= f.clients,
+        a.max_clients,
+        f"in [2, federation.clients={f.clients}]",
+    )
     _one_of("analysis.data", a.data, ("global_test", "pair_train"))
     _check("analysis.samples", a.samples >= 1, a.samples, ">= 1")
-    _check("analysis.alphas", all(0 <= x <= 1 for x in a.alphas) and len(set(a.alphas)) == len(a.alphas),
-           a.alphas, "distinct values in [0, 1]")
+    _check(
+        "analysis.alphas",
+        all(0 <= x <= 1 for x in a.alphas) and len(set(a.alphas)) == len(a.alphas),
+        a.alphas,
+        "distinct values in [0, 1]",
+    )
     for order in a.cumulative:
         _one_of("analysis.cumulative", order, ("shallow", "deep", "random", "minimal"))
     _one_of("analysis.bn", a.bn, ("interpolate", "reset"))

@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make run` (default experiment) and `make test` (the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+STAMP := $(VENV)/.installed
+CONFIG ?= experiments/default.toml
+FMNIST_DEB := /usr/share/datasets/fashion-mnist
+
+.PHONY: install data run test test-fast lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST without internet: the Debian package installs the real IDX files.
+data: install
+	@if [ -z "$$FEDLAYER_DATA" ] && [ ! -d $(FMNIST_DEB) ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing dataset-fashion-mnist (apt)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y dataset-fashion-mnist || { $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; }; \
+	fi
+	$(PY) -c "from fedlayer.data import find_data_root; print('data:', find_data_root('fashion_mnist'))"
+
+run: data
+	$(VENV)/bin/fedlayer run $(CONFIG)
+
+# Everything that needs no Docker daemon and no GPU: unit tests and real Flower simulations.
+test: data
+	$(PY) -m pytest -m "not docker and not gpu" -q
+
+test-fast: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,112 @@
+"""``fedlayer`` command line: run | partitions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedlayer.config import Config, ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlayer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one federated experiment in Flower's simulation engine")
+    run.add_argument("config", nargs="?", default="experiments/default.toml", help="experiment TOML")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set federation.rounds=3 (repeatable)",
+    )
+    run.add_argument("--out", help="run directory (default: runs/<config>-<timestamp>)")
+    run.add_argument("--overwrite", action="store_true", help="allow writing into an existing run directory")
+    parts = sub.add_parser("partitions", help="partition the data as configured and write partition.json/png")
+    parts.add_argument("config", nargs="?", default="experiments/default.toml")
+    parts.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parts.add_argument("--out", default="runs/partitions")
+    return parser
+
+
+def _default_out(config_path: str) -> Path:
+    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedlayer.progress import RoundProgress
+    from fedlayer.results import RunDir
+    from fedlayer.simulation import simulate
+
+    cfg = load_config(args.config, args.overrides)
+    run = RunDir.create(args.out or _default_out(args.config), overwrite=args.overwrite)
+    _check_before_start(cfg)
+    with RoundProgress(cfg.federation.rounds) as progress:
+        simulate(cfg, run, progress.update)
+    print(f"run directory: {run.path}")
+    final = run.read_jsonl()[-1]
+    print(_final_line(final))
+    return 0
+
+
+def _check_before_start(cfg: Config) -> None:
+    """Fail fast on what would otherwise fail inside the simulation (data, partitions, selectors)."""
+    from fedlayer.experiment import federated_data, initial_model
+    from fedlayer.server_app import shared_layers
+
+    data = federated_data(cfg)
+    shared_layers(cfg, initial_model(cfg, data.test))
+
+
+def _final_line(row: dict[str, Any]) -> str:
+    keys = ("global_acc", "personalized_acc", "personalized_acc_worst10", "train_loss")
+    return (
+        "final round " + str(row["round"]) + ": " + ", ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
+    )
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    from fedlayer.data import write_partition_report
+    from fedlayer.experiment import federated_data
+    from fedlayer.results import RunDir
+
+    cfg = load_config(args.config, args.overrides)
+    data = federated_data(cfg)
+    run = RunDir.create(args.out, overwrite=True)
+    write_partition_report(run.path, data.splits, data.train.y.numpy(), data.train.num_classes)
+    for split in data.splits:
+        print(f"client {split.partition_id}: {len(split.train_idx)} train / {len(split.test_idx)} test")
+    print(f"written: {run.file('partition.json')}, {run.file('partition.png')}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "partitions": cmd_partitions}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ValueError) as err:
+        if not _is_input_error(err):
+            raise
+        print(f"fedlayer: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _is_input_error(err: Exception) -> bool:
+    from fedlayer.data import DataError
+    from fedlayer.layers import SelectorError
+
+    return isinstance(err, ConfigError | DataError | SelectorError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

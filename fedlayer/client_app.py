@@ -1,0 +1,140 @@
+"""Flower ClientApp: local training with personal layers kept in ``context.state``.
+
+The experiment config arrives in every instruction (``config["experiment"]``, TOML), so the same
+ClientApp runs unchanged in the simulation engine and on SuperNodes; the partition comes from the
+node config (``partition-id``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlayer.config import Config, config_from_dict
+from fedlayer.data import TensorData
+from fedlayer.experiment import client_generator, federated_data, initial_model
+from fedlayer.models import model_blocks, model_groups
+from fedlayer.training import evaluate, load_state, resolve_device
+from strategies.algorithms import get_algorithm
+from strategies.recipes import RECIPES, LocalTask, personalize
+
+app = ClientApp()
+PERSONAL = "personal"  # context.state key of the client's personal layers
+
+
+@lru_cache(maxsize=4)
+def _parse(experiment: str) -> Config:
+    return config_from_dict(tomllib.loads(experiment))
+
+
+@dataclass
+class ClientJob:
+    """One instruction's work: the assembled model, the client's data and settings."""
+
+    cfg: Config
+    partition_id: int
+    server_round: int
+    model: torch.nn.Module
+    train_data: TensorData
+    test_data: TensorData
+    device: torch.device
+    received: list[str]  # keys that came from the server (shared); the rest are personal
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> ClientJob:
+        config = msg.content["config"]
+        cfg = _parse(str(config["experiment"]))
+        partition_id = int(context.node_config["partition-id"])
+        data = federated_data(cfg)
+        train_data, test_data = data.client(partition_id)
+        device = resolve_device(cfg.train.device)
+        model = initial_model(cfg, data.test)
+        if PERSONAL in context.state:
+            load_state(model, context.state[PERSONAL].to_torch_state_dict())  # type: ignore[union-attr]
+        arrays = msg.content["arrays"]
+        load_state(model, arrays.to_torch_state_dict())  # type: ignore[union-attr]
+        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        return cls(
+            cfg,
+            partition_id,
+            server_round,
+            model.to(device),
+            train_data,
+            test_data,
+            device,
+            list(arrays.keys()),
+        )
+
+    def task(self) -> LocalTask:
+        blocks, groups = model_blocks(self.model), model_groups(self.model)
+        params = {name for name, _ in self.model.named_parameters()}
+        head = {key for block in groups["head"] for key in blocks[block]} & params
+        return LocalTask(
+            self.model,
+            self.train_data.x,
+            self.train_data.y,
+            self.cfg.train,
+            self.cfg.strategy,
+            self.device,
+            client_generator(self.cfg, self.partition_id, self.server_round),
+            head,
+            set(self.received) & params,
+        )
+
+    def personalized_eval(self, task: LocalTask) -> tuple[float, float]:
+        model = personalize(get_algorithm(self.cfg.strategy).recipe, task)
+        return evaluate(model, self.test_data.x, self.test_data.y, device=self.device)
+
+    def state(self, keys: list[str] | None = None) -> ArrayRecord:
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return ArrayRecord({k: state[k] for k in (keys if keys is not None else state)})
+
+    def personal_keys(self) -> list[str]:
+        received = set(self.received)
+        return [k for k in self.model.state_dict() if k not in received]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the assembled model with the algorithm's recipe; keep personal layers; reply shared ones."""
+    job = ClientJob.from_message(msg, context)
+    task = job.task()
+    loss_before, acc_before = job.personalized_eval(task)
+    train_loss = RECIPES[get_algorithm(job.cfg.strategy).recipe](task)
+    loss_after, acc_after = job.personalized_eval(task)
+    context.state[PERSONAL] = job.state(job.personal_keys())
+    full = bool(msg.content["config"].get("full-model", False))
+    metrics = MetricRecord(
+        {
+            "num-examples": len(job.train_data),
+            "partition-id": job.partition_id,
+            "train_loss": train_loss,
+            "personalized_acc_before": acc_before,
+            "personalized_loss_before": loss_before,
+            "personalized_acc_after": acc_after,
+            "personalized_loss_after": loss_after,
+        }
+    )
+    arrays = job.state(None if full else job.received)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_personalized(msg: Message, context: Context) -> Message:
+    """Personalized accuracy: global shared + own personal layers, on the local test split."""
+    job = ClientJob.from_message(msg, context)
+    loss, acc = job.personalized_eval(job.task())
+    metrics = MetricRecord(
+        {
+            "num-examples": len(job.test_data),
+            "partition-id": job.partition_id,
+            "personalized_acc": acc,
+            "personalized_loss": loss,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,63 @@
+"""What the server, every client and the benchmarks derive identically from one config + seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlayer.config import Config, config_from_dict, to_toml
+from fedlayer.data import ClientSplit, TensorData, load_dataset, make_client_splits, subsample
+from fedlayer.models import build_model
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    train: TensorData  # the (sub-sampled) training pool the partitions index into
+    test: TensorData  # the server's global test set
+    splits: list[ClientSplit]
+
+    def client(self, partition_id: int) -> tuple[TensorData, TensorData]:
+        """A client's local train and local test data."""
+        split = self.splits[partition_id]
+        return self.train.subset(split.train_idx), self.train.subset(split.test_idx)
+
+
+def federated_data(cfg: Config) -> FederatedData:
+    """Load, sub-sample and partition the dataset; cached per (data section, clients, seed)."""
+    return _federated_data(to_toml(_data_view(cfg)))
+
+
+def _data_view(cfg: Config) -> Config:
+    # Only what determines the data: other sections at defaults keep the cache key stable.
+    return Config(
+        seed=cfg.seed, data=cfg.data, federation=type(cfg.federation)(clients=cfg.federation.clients)
+    )
+
+
+@lru_cache(maxsize=2)
+def _federated_data(key: str) -> FederatedData:
+    import tomllib
+
+    cfg = config_from_dict(tomllib.loads(key))
+    train, test = load_dataset(cfg.data.dataset, cfg.data.root)
+    train = train.subset(subsample(len(train), cfg.data.max_samples, cfg.seed))
+    test = test.subset(subsample(len(test), cfg.data.max_test_samples, cfg.seed))
+    splits = make_client_splits(train.y.numpy(), cfg.data, cfg.federation.clients, cfg.seed)
+    return FederatedData(train, test, splits)
+
+
+def initial_model(cfg: Config, data: TensorData) -> nn.Module:
+    """The common initial model: identical on the server and every client for a given seed."""
+    torch.manual_seed(cfg.seed)
+    _, channels, size, _ = data.x.shape
+    return build_model(cfg.model.name, data.num_classes, channels, size, cfg.model.norm)
+
+
+def client_generator(cfg: Config, partition_id: int, server_round: int) -> torch.Generator:
+    """A client's batch-order RNG for one round, independent of scheduling order."""
+    seed = np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))

@@ -1,0 +1,238 @@
+"""Models (FedAvg CNN, MLP, CIFAR ResNet-18, VGG-11) and their layer blocks and named groups.
+
+A **block** is every state-dict tensor owned directly by one module (parameters and buffers, e.g. a
+BatchNorm's ``running_mean`` and ``num_batches_tracked``), named by the module's path. Every model names its
+classifier blocks in ``HEAD_BLOCKS``; the groups ``head``, ``body`` and ``norm`` are derived from that and
+from module types, never from substrings of names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.vgg import cfgs as VGG_CFGS
+
+from fedlayer.config import NORMS, ConfigError
+
+GROUPS = ("head", "body", "norm")
+# By module type, so torchvision's `downsample.1` BatchNorm counts (a substring match on "bn" misses it).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, their lazy variants
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+)
+GROUP_NORM_GROUPS = 32  # Wu & He (2018) default; capped by gcd so it always divides the channels
+
+NormLayer = Callable[[int], nn.Module]
+
+
+def _check_norm(model: str, norm: str, allowed: tuple[str, ...]) -> None:
+    if norm not in allowed:
+        raise ConfigError(
+            f"model.norm: {norm!r} is not allowed for {model}; choose one of: {', '.join(allowed)}"
+        )
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(GROUP_NORM_GROUPS, channels), channels)
+
+
+NORM_LAYERS: dict[str, NormLayer | None] = {"none": None, "batch": nn.BatchNorm2d, "group": _group_norm}
+
+
+class CNN(nn.Module):
+    """The FedAvg CNN (McMahan et al., 2017): 5x5 conv 32 + pool, 5x5 conv 64 + pool, fc 512, classifier.
+
+    'Same' padding gives the paper's 1,663,370 parameters on 28x28x1 inputs.
+    """
+
+    HEAD_BLOCKS: ClassVar[tuple[str, ...]] = ("fc2",)
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, norm: str = "none") -> None:
+        super().__init__()
+        _check_norm("cnn", norm, ("none",))
+        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.fc1 = nn.Linear(64 * (image_size // 4) ** 2, 512)
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class MLP(nn.Module):
+    """The FedAvg '2NN' (McMahan et al., 2017): two hidden layers of 200 units with ReLU."""
+
+    HEAD_BLOCKS: ClassVar[tuple[str, ...]] = ("fc3",)
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, norm: str = "none") -> None:
+        super().__init__()
+        _check_norm("mlp", norm, ("none",))
+        self.fc1 = nn.Linear(in_channels * image_size**2, 200)
+        self.fc2 = nn.Linear(200, 200)
+        self.fc3 = nn.Linear(200, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+class ResNet18(ResNet):
+    """torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool) for 28-32 px inputs.
+
+    ``norm = "none"`` puts ``nn.Identity`` where the norm layers were: no norm blocks, no running stats.
+    """
+
+    HEAD_BLOCKS: ClassVar[tuple[str, ...]] = ("fc",)
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, norm: str = "none") -> None:
+        _check_norm("resnet18", norm, NORMS)
+        layer = NORM_LAYERS[norm]
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=layer or nn.Identity)
+        # The ImageNet stem (7x7 stride 2 + max-pool) would shrink 32 px to 8 px before layer1.
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.maxpool = nn.Identity()
+
+
+def _vgg_features(in_channels: int, image_size: int, layer: NormLayer | None) -> nn.Sequential:
+    """torchvision's VGG-11 ``features`` (same module indices as vgg11 / vgg11_bn) for small images."""
+    modules: list[nn.Module] = []
+    channels, size = in_channels, image_size
+    for item in VGG_CFGS["A"]:
+        if item == "M":
+            # 28 px is 1x1 after four pools; a fifth would leave nothing (it is the last entry: no reindex).
+            if size >= 2:
+                modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                size //= 2
+            continue
+        modules.append(nn.Conv2d(channels, int(item), kernel_size=3, padding=1))
+        modules += [layer(int(item))] if layer else []
+        modules.append(nn.ReLU(inplace=True))
+        channels = int(item)
+    return nn.Sequential(*modules)
+
+
+class VGG11(nn.Module):
+    """torchvision's VGG-11 features, global average pooling and a 512-512-classes classifier.
+
+    torchvision's 7x7 pooling and 4096-wide classifier (~120M parameters) are sized for ImageNet; the
+    classifier keeps its three Linear layers (``classifier.0/2/4``) without dropout.
+    """
+
+    HEAD_BLOCKS: ClassVar[tuple[str, ...]] = ("classifier.4",)
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, norm: str = "none") -> None:
+        super().__init__()
+        _check_norm("vgg11", norm, NORMS)
+        self.features = _vgg_features(in_channels, image_size, NORM_LAYERS[norm])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Linear(512, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, num_classes),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # torchvision's VGG initialization; norm layers keep their default (weight 1, bias 0).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+            if isinstance(module, nn.Conv2d | nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+MODEL_CLASSES: dict[str, type[CNN | MLP | ResNet18 | VGG11]] = {
+    "cnn": CNN,
+    "mlp": MLP,
+    "resnet18": ResNet18,
+    "vgg11": VGG11,
+}
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, image_size: int, norm: str = "none"
+) -> nn.Module:
+    """Build a model; its initialization is drawn from torch's global RNG (seed it first).
+
+    Parameters
+    ----------
+    name : str
+        One of ``cnn``, ``mlp``, ``resnet18``, ``vgg11``.
+    num_classes : int
+        Output units of the classifier.
+    in_channels : int
+        1 (MNIST, Fashion-MNIST) or 3 (CIFAR).
+    image_size : int
+        Height = width of the inputs, e.g. 28 or 32.
+    norm : str
+        ``none``, ``batch`` or ``group`` normalization (resnet18, vgg11; cnn and mlp allow only ``none``).
+
+    Raises
+    ------
+    ConfigError
+        A ValueError naming ``model.name`` or ``model.norm`` and the allowed values.
+    """
+    if name not in MODEL_CLASSES:
+        raise ConfigError(f"model.name: {name!r} is not allowed; choose one of: {', '.join(MODEL_CLASSES)}")
+    _check_norm(name, norm, NORMS)
+    return MODEL_CLASSES[name](num_classes, in_channels, image_size, norm)
+
+
+def model_name(model: nn.Module) -> str:
+    """The registry name of ``model`` (``cnn``, ...), else its class name."""
+    return next((name for name, cls in MODEL_CLASSES.items() if type(model) is cls), type(model).__name__)
+
+
+def model_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """Block name (module path) -> its state-dict keys, both in state-dict (registration) order."""
+    blocks: dict[str, list[str]] = {}
+    for key in model.state_dict(keep_vars=True):
+        module, _, _ = key.rpartition(".")
+        blocks.setdefault(module, []).append(key)
+    return blocks
+
+
+def block_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Block name -> the module that owns its tensors."""
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in model_blocks(model)}
+
+
+def model_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Named groups -> block names: ``head`` (the classifier), ``body`` (all others), ``norm`` (by type).
+
+    Raises
+    ------
+    TypeError
+        If the model does not define ``HEAD_BLOCKS`` (a tuple of block names).
+    """
+    modules = block_modules(model)
+    head = set(getattr(model, "HEAD_BLOCKS", ()))
+    if not head or not head <= modules.keys():
+        blocks = ", ".join(modules)
+        raise TypeError(
+            f"{model_name(model)}: HEAD_BLOCKS must name blocks of the model; blocks are: {blocks}"
+        )
+    return {
+        "head": [name for name in modules if name in head],
+        "body": [name for name in modules if name not in head],
+        "norm": [name for name, module in modules.items() if isinstance(module, NORM_TYPES)],
+    }

@@ -1,0 +1,182 @@
+"""Run directory: metrics.jsonl, partition/layer reports, model files and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from fedlayer.config import ConfigError
+from strategies.mechanism import RoundObserver
+
+METRICS = "metrics.jsonl"
+
+
+class RunDir:
+    """A run's output folder; never silently overwritten."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDir:
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise ConfigError(f"--out: run directory {str(path)!r} exists and is not empty; pass --overwrite")
+        path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            (path / METRICS).unlink(missing_ok=True)
+        return cls(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self._atomic_write(name, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        self._atomic_write(name, text)
+
+    def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
+        with open(self.file(name), "a") as fh:
+            fh.write(json.dumps(row, default=_jsonable) + "\n")
+
+    def read_jsonl(self, name: str = METRICS) -> list[dict[str, Any]]:
+        path = self.file(name)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _atomic_write(self, name: str, text: str) -> None:
+        tmp = self.file(name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.file(name))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def client_stats(name: str, values: Sequence[float]) -> dict[str, float]:
+    """Mean over clients (unweighted), std and the mean of the worst 10% (at least one client)."""
+    if not values:
+        return {}
+    arr = np.sort(np.asarray(values, dtype=float))
+    worst = arr[: max(1, math.ceil(0.1 * len(arr)))]
+    return {name: float(arr.mean()), f"{name}_std": float(arr.std()), f"{name}_worst10": float(worst.mean())}
+
+
+def _reply_metrics(replies: Sequence[Message]) -> list[dict[str, float]]:
+    rows = []
+    for reply in replies:
+        if reply.has_content():
+            for record in reply.content.metric_records.values():
+                rows.append({k: float(v) for k, v in record.items() if isinstance(v, int | float)})
+    return rows
+
+
+def _payload(messages: Sequence[Message]) -> int:
+    total = 0
+    for msg in messages:
+        if msg.has_content():
+            total += sum(record.count_bytes() for record in msg.content.array_records.values())
+    return total
+
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class RoundRecorder(RoundObserver):
+    """Collects a round's client metrics and payload sizes; ``finish_round`` writes the row."""
+
+    CLIENT_KEYS = (
+        "train_loss",
+        "personalized_acc_before",
+        "personalized_acc_after",
+        "personalized_loss_after",
+    )
+
+    def __init__(self, run: RunDir, on_round: RoundCallback | None = None) -> None:
+        self.run = run
+        self.on_round = on_round
+        self.row: dict[str, Any] = {}
+        self.started = time.perf_counter()
+
+    def on_train_messages(self, server_round: int, messages: Sequence[Message]) -> None:
+        self.started = time.perf_counter()
+        self.row = {"round": server_round, "bytes_down": _payload(messages), "clients_trained": 0}
+
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        metrics = _reply_metrics(replies)
+        self.row["bytes_up"] = _payload(replies)
+        self.row["clients_trained"] = len(metrics)
+        self.row["client_failures"] = sum(reply.has_error() for reply in replies)
+        for key in self.CLIENT_KEYS:
+            self.row |= client_stats(key, [m[key] for m in metrics if key in m])
+
+    def on_evaluate_messages(self, server_round: int, messages: Sequence[Message]) -> None:
+        self.row["bytes_down"] = self.row.get("bytes_down", 0) + _payload(messages)
+
+    def on_evaluate_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        metrics = _reply_metrics(replies)
+        self.row |= client_stats("personalized_acc", [m["personalized_acc"] for m in metrics])
+        self.row |= client_stats("personalized_loss", [m["personalized_loss"] for m in metrics])
+
+    def finish_round(self, server_round: int, global_loss: float, global_acc: float) -> dict[str, Any]:
+        """Called by the server's evaluate_fn after each round (round 0: the initial model, not written)."""
+        row = {"round": server_round, "global_acc": global_acc, "global_loss": global_loss}
+        if server_round > 0:
+            row = self.row | row | {"round_seconds": time.perf_counter() - self.started}
+            self.run.append_jsonl(METRICS, row)
+        if self.on_round is not None:
+            self.on_round(row)
+        return row
+
+
+def save_arrays(run: RunDir, name: str, arrays: ArrayRecord) -> None:
+    """A state dict (torch.save of tensors only: loads with ``torch.load(weights_only=True)``)."""
+    import torch
+
+    tmp = run.file(name + ".tmp")
+    torch.save(arrays.to_torch_state_dict(), tmp)
+    os.replace(tmp, run.file(name))
+
+
+def plot_accuracy(run: RunDir) -> Path | None:
+    """accuracy.png: global and personalized accuracy (mean, worst 10%) over rounds."""
+    rows = run.read_jsonl()
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r["round"] for r in rows]
+    for key, label in (
+        ("global_acc", "global model (server test set)"),
+        ("personalized_acc", "personalized, mean over clients"),
+        ("personalized_acc_worst10", "personalized, worst 10% clients"),
+    ):
+        if all(key in r for r in rows):
+            ax.plot(rounds, [r[key] for r in rows], marker="o", label=label)
+    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title=run.path.name)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out = run.file("accuracy.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

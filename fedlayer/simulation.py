@@ -1,0 +1,76 @@
+"""Run a federation in Flower's simulation engine (Ray backend), in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlayer.config import Config, ConfigError
+from fedlayer.results import RoundCallback, RunDir
+
+
+def backend_config(cfg: Config) -> dict[str, object]:
+    """Ray resources: each client actor asks for ``client_cpus`` / ``client_gpus``."""
+    f = cfg.federation
+    gpus = _available_gpus()
+    if f.client_gpus > 0 and gpus == 0:
+        raise ConfigError(
+            f"federation.client_gpus: {f.client_gpus} requested but no CUDA device is available"
+        )
+    init = {
+        "num_cpus": os.cpu_count() or 1,
+        "num_gpus": gpus,
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,
+        "log_to_driver": False,
+    }
+    return {"client_resources": {"num_cpus": f.client_cpus, "num_gpus": f.client_gpus}, "init_args": init}
+
+
+def _available_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def simulate(cfg: Config, run: RunDir, on_round: RoundCallback | None = None) -> None:
+    """Run ``cfg`` with ``federation.clients`` virtual SuperNodes; raises if the ServerApp fails."""
+    from flwr.simulation import run_simulation
+
+    from fedlayer.client_app import app as client_app
+    from fedlayer.server_app import run_server
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg, run, on_round)
+
+    _log_flower_to(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.clients,
+            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+        )
+
+
+def _log_flower_to(run: RunDir) -> None:
+    """Flower's INFO log goes to the run directory; the console keeps warnings and the progress bar."""
+    logger = logging.getLogger("flwr")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler) or getattr(handler, "_fedlayer", False):
+            logger.removeHandler(handler)
+    for handler in logger.handlers:
+        handler.setLevel(logging.WARNING)
+    file_handler = logging.FileHandler(run.file("flower.log"))
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file_handler)
+    logger.setLevel(logging.INFO)

@@ -1,0 +1,92 @@
+"""Algorithms as declarations: which blocks are shared, how they are aggregated, what clients do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedlayer.config import ConfigError, StrategyConfig
+from fedlayer.layers import Selector
+
+RECIPES = ("sgd", "fedprox", "fedrep", "fedbabu")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One personalization algorithm.
+
+    ``shared`` are selector patterns of the blocks the server averages (``None``: taken from
+    ``strategy.shared``, for personalization averaging); ``recipe`` is the client's local procedure;
+    ``aggregator`` forces a Flower aggregator (``None``: ``strategy.aggregator``).
+    """
+
+    name: str
+    shared: tuple[str, ...] | None
+    summary: str
+    exclude: tuple[str, ...] = ()
+    recipe: str = "sgd"
+    aggregator: str | None = None
+
+    def selector(self, strategy: StrategyConfig) -> Selector:
+        include = tuple(strategy.shared) if self.shared is None else self.shared
+        return Selector(include=list(include), exclude=list(self.exclude) + list(strategy.exclude))
+
+
+_ALL = ("*",)
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("fedavg", _ALL, "every block averaged (McMahan et al., 2017)"),
+        Algorithm(
+            "fedprox",
+            _ALL,
+            "FedAvg + proximal term on shared params (Li et al., 2020)",
+            recipe="fedprox",
+            aggregator="fedprox",
+        ),
+        Algorithm("fedper", ("group:body",), "body averaged, head personal (Arivazhagan et al., 2019)"),
+        Algorithm("lgfedavg", ("group:head",), "head averaged, body personal (Liang et al., 2020)"),
+        Algorithm(
+            "fedbn",
+            _ALL,
+            "norm layers incl. running stats personal (Li et al., 2021)",
+            exclude=("type:norm",),
+        ),
+        Algorithm(
+            "fedrep",
+            ("group:body",),
+            "head epochs then body epochs; body averaged (Collins et al., 2021)",
+            recipe="fedrep",
+        ),
+        Algorithm(
+            "fedbabu",
+            ("group:body",),
+            "head frozen at init, fine-tuned to evaluate (Oh et al., 2022)",
+            recipe="fedbabu",
+        ),
+        Algorithm("local", (), "nothing averaged: independent local training"),
+        Algorithm(
+            "partial", None, "personalization averaging: strategy.shared blocks averaged (Adilova et al.)"
+        ),
+    )
+}
+
+
+def get_algorithm(strategy: StrategyConfig) -> Algorithm:
+    """The declared algorithm ``strategy.name``, with its config checked."""
+    if strategy.name not in ALGORITHMS:
+        raise ConfigError(
+            f"strategy.name: {strategy.name!r} is not allowed; choose one of: {', '.join(ALGORITHMS)}"
+        )
+    algorithm = ALGORITHMS[strategy.name]
+    if algorithm.shared is None and not strategy.shared:
+        raise ConfigError(
+            "strategy.shared: must list at least one block pattern for strategy.name = 'partial'"
+        )
+    if algorithm.shared is not None and strategy.shared:
+        raise ConfigError(f"strategy.shared: only used by strategy.name = 'partial', not {strategy.name!r}")
+    return algorithm
+
+
+def aggregator_name(strategy: StrategyConfig) -> str:
+    algorithm = get_algorithm(strategy)
+    return algorithm.aggregator or strategy.aggregator
