@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -46,8 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlayer.simulation import simulate
 
     cfg = load_config(args.config, args.overrides)
-    run = RunDir.create(args.out or _default_out(args.config), overwrite=args.overwrite)
     _check_before_start(cfg)
+    run = RunDir.create(args.out or _default_out(args.config), overwrite=args.overwrite)
     with RoundProgress(cfg.federation.rounds) as progress:
         simulate(cfg, run, progress.update)
     print(f"run directory: {run.path}")
@@ -60,7 +61,13 @@ def _check_before_start(cfg: Config) -> None:
     """Fail fast on what would otherwise fail inside the simulation (data, partitions, selectors)."""
     from fedlayer.experiment import federated_data, initial_model
     from fedlayer.server_app import shared_layers
+    from strategies import AGGREGATORS, aggregator_name
 
+    aggregator = aggregator_name(cfg.strategy)
+    if aggregator not in AGGREGATORS:
+        raise ConfigError(
+            f"strategy.aggregator: {aggregator!r} is not allowed; choose one of: {', '.join(AGGREGATORS)}"
+        )
     data = federated_data(cfg)
     shared_layers(cfg, initial_model(cfg, data.test))
 
@@ -80,7 +87,9 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     data = federated_data(cfg)
     run = RunDir.create(args.out, overwrite=True)
-    write_partition_report(run.path, data.splits, data.train.y.numpy(), data.train.num_classes)
+    write_partition_report(
+        run.path, data.splits, data.train.y.numpy(), data.train.num_classes, partitioner=cfg.data.partitioner
+    )
     for split in data.splits:
         print(f"client {split.partition_id}: {len(split.train_idx)} train / {len(split.test_idx)} test")
     print(f"written: {run.file('partition.json')}, {run.file('partition.png')}")
@@ -91,6 +100,7 @@ COMMANDS = {"run": cmd_run, "partitions": cmd_partitions}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage statistics from Flower / flwr-datasets
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -227,9 +227,9 @@ def validate(cfg: Config) -> None:
     _one_of("analysis.pairs", a.pairs, ("clients", "global", "both"))
     _check(
         "analysis.max_clients",
-        2 <= a.max_clients <= f.clients,
+        a.max_clients >= 2 and (a.every == 0 or a.max_clients <= f.clients),
         a.max_clients,
-        f"in [2, federation.clients={f.clients}]",
+        f">= 2 and <= federation.clients={f.clients} when analysis.every > 0",
     )
     _one_of("analysis.data", a.data, ("global_test", "pair_train"))
     _check("analysis.samples", a.samples >= 1, a.samples, ">= 1")

@@ -50,7 +50,9 @@ def run_server(grid: Grid, cfg: Config, run: RunDir, on_round: RoundCallback | N
     started = time.perf_counter()
     run.write_text("config.resolved.toml", to_toml(cfg))
     data = federated_data(cfg)
-    write_partition_report(run.path, data.splits, data.train.y.numpy(), data.train.num_classes)
+    write_partition_report(
+        run.path, data.splits, data.train.y.numpy(), data.train.num_classes, partitioner=cfg.data.partitioner
+    )
     model = initial_model(cfg, data.test)
     layers = shared_layers(cfg, model)
     run.write_json("layers.json", layers.to_json())

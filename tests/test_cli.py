@@ -26,7 +26,7 @@ DEFAULT = str(ROOT / "experiments" / "default.toml")
         ("federation.nope=1", "federation.nope"),
         ("nosection.key=1", "nosection"),
         ("analysis.every=-1", "analysis.every"),
-        ("analysis.max_clients=50", "analysis.max_clients"),
+        ("analysis.max_clients=1", "analysis.max_clients"),
         ("data.partitioner='random'", "data.partitioner"),
     ],
 )

@@ -1,0 +1,267 @@
+"""Client partitions made by flwr-datasets partitioners on in-memory labels, and a partition report."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedlayer.config import PARTITIONERS, DataConfig
+from fedlayer.data.sources import DataError
+
+# datasets / flwr-datasets are imported where used: TensorData users (GPU benchmarks without Flower
+# installed, client processes) should not pay for or need them.
+if TYPE_CHECKING:
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
+
+LABEL, INDEX = "label", "idx"  # dataset columns: the label, and the sample's index into the training set
+
+
+@dataclass(frozen=True)
+class ClientSplit:
+    """One client's share of the training set.
+
+    Attributes
+    ----------
+    partition_id : int
+        The client's partition (0 .. num_clients - 1).
+    train_idx : np.ndarray
+        Sorted indices into the training ``TensorData`` the client trains on.
+    test_idx : np.ndarray
+        Sorted indices of its local test split, held out from the same partition.
+    """
+
+    partition_id: int
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+def subsample(n: int, k: int, seed: int) -> np.ndarray:
+    """Seeded sorted subset of ``range(n)`` of size ``k``; ``k == 0`` (or ``k >= n``) keeps all."""
+    if k <= 0 or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def make_client_splits(labels: np.ndarray, cfg: DataConfig, num_clients: int, seed: int) -> list[ClientSplit]:
+    """Partition the training set among clients and hold out each client's local test split.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Labels of the training set (N,).
+    cfg : DataConfig
+        ``partitioner`` and its parameters: iid; dirichlet (``alpha``, ``min_partition_size``); pathological
+        (``classes_per_client``: client i gets classes i .. i+k-1 mod C); shard (``shards_per_client``
+        label-sorted shards, the remainder of N is left out); quantity (IID labels, client sizes
+        ``min_partition_size`` + a Dirichlet(``alpha``) share of the rest); ``test_fraction``.
+    num_clients : int
+        Number of partitions.
+    seed : int
+        Seeds the partitioner and, with the partition id, each local train/test split.
+
+    Raises
+    ------
+    DataError
+        If the request is infeasible (too many clients, a minimum size that cannot be met, ...).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    _precheck(labels, cfg, num_clients)
+    parts = _partition(labels, cfg, num_clients, seed)
+    for pid, part in enumerate(parts):
+        if len(part) < cfg.min_partition_size:
+            raise DataError(
+                f"data.min_partition_size: the {cfg.partitioner} partitioner gave client {pid} only "
+                f"{len(part)} samples (< {cfg.min_partition_size}); lower it or federation.clients"
+                f"={num_clients}"
+            )
+    return [_local_split(pid, part, cfg.test_fraction, seed) for pid, part in enumerate(parts)]
+
+
+def _precheck(labels: np.ndarray, cfg: DataConfig, num_clients: int) -> None:
+    """Reject impossible requests before flwr-datasets retries or fails with a multi-line message."""
+    n = len(labels)
+    if num_clients > n:
+        hint = f" (data.max_samples={cfg.max_samples})" if cfg.max_samples else ""
+        raise DataError(f"federation.clients: {num_clients} clients but only {n} training samples{hint}")
+    floor = max(cfg.min_partition_size, 1 if cfg.partitioner == "quantity" else 0)
+    if num_clients * floor > n:
+        raise DataError(
+            f"data.min_partition_size: {floor} samples x {num_clients} clients = {num_clients * floor} "
+            f"> {n} training samples; lower data.min_partition_size or federation.clients"
+        )
+    present = len(np.unique(labels))
+    if cfg.partitioner == "pathological" and cfg.classes_per_client > present:
+        raise DataError(
+            f"data.classes_per_client: {cfg.classes_per_client} > {present} classes in the training data"
+        )
+    shards = num_clients * cfg.shards_per_client
+    if cfg.partitioner == "shard" and shards > n:
+        raise DataError(
+            f"data.shards_per_client: {cfg.shards_per_client} x {num_clients} clients = {shards} shards "
+            f"> {n} training samples"
+        )
+
+
+def _partitioner(labels: np.ndarray, cfg: DataConfig, num_clients: int, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+        SizePartitioner,
+    )
+
+    name = cfg.partitioner
+    if name == "iid":
+        return IidPartitioner(num_clients)
+    if name == "dirichlet":
+        return DirichletPartitioner(
+            num_clients, LABEL, cfg.alpha, cfg.min_partition_size, self_balancing=False, seed=seed
+        )
+    if name == "pathological":
+        # "deterministic" uses every class equally often (when clients x k >= classes), so client sizes
+        # stay balanced; "random" can leave classes unused and pile others onto many clients.
+        return PathologicalPartitioner(
+            num_clients, LABEL, cfg.classes_per_client, class_assignment_mode="deterministic", seed=seed
+        )
+    if name == "shard":
+        return ShardPartitioner(num_clients, LABEL, num_shards_per_partition=cfg.shards_per_client, seed=seed)
+    if name == "quantity":
+        return SizePartitioner(_quantity_sizes(len(labels), cfg, num_clients, seed))
+    raise DataError(f"data.partitioner: {name!r} is not allowed; choose one of: {', '.join(PARTITIONERS)}")
+
+
+def _quantity_sizes(n: int, cfg: DataConfig, num_clients: int, seed: int) -> list[int]:
+    """Every client gets the minimum size, the rest is split by a Dirichlet(alpha) share per client."""
+    floor = max(cfg.min_partition_size, 1)  # SizePartitioner rejects empty partitions
+    rng = np.random.default_rng([seed, num_clients])
+    share = rng.dirichlet(np.full(num_clients, cfg.alpha))
+    extra = rng.multinomial(n - num_clients * floor, share / share.sum())
+    return [int(s) for s in floor + extra]  # SizePartitioner wants Python ints
+
+
+def _partition(labels: np.ndarray, cfg: DataConfig, num_clients: int, seed: int) -> list[np.ndarray]:
+    import datasets
+
+    # Rows are shuffled first: IidPartitioner and SizePartitioner take contiguous ranges of the dataset.
+    order = np.random.default_rng(seed).permutation(len(labels))
+    partitioner = _partitioner(labels, cfg, num_clients, seed)
+    # arrow format: the partitioners read the label column with np.asarray, which is slow on a lazy Column.
+    shuffled = datasets.Dataset.from_dict({LABEL: labels[order], INDEX: order})
+    partitioner.dataset = shuffled.with_format("arrow")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one warning per Dirichlet retry; failure becomes one DataError
+            return [_indices(partitioner.load_partition(pid)) for pid in range(num_clients)]
+    except ValueError as err:
+        raise _explain(err, cfg, len(labels), num_clients) from None
+
+
+def _indices(partition: datasets.Dataset) -> np.ndarray:
+    return np.asarray(partition.with_format("numpy")[:][INDEX], dtype=np.int64)  # [:] avoids a lazy Column
+
+
+def _explain(err: ValueError, cfg: DataConfig, n: int, num_clients: int) -> DataError:
+    if cfg.partitioner == "dirichlet" and "max number of attempts" in str(err):
+        return DataError(
+            f"data.alpha: Dirichlet(alpha={cfg.alpha}) over {num_clients} clients and {n} samples left "
+            f"a client below data.min_partition_size={cfg.min_partition_size} in 11 draws; "
+            "raise data.alpha or lower data.min_partition_size"
+        )
+    reason = " ".join(str(err).split())
+    return DataError(
+        f"data.partitioner: {cfg.partitioner} cannot split {n} samples into {num_clients} clients: {reason}"
+    )
+
+
+def _local_split(pid: int, part: np.ndarray, test_fraction: float, seed: int) -> ClientSplit:
+    shuffled = np.random.default_rng([seed, pid]).permutation(part)
+    n = len(part)
+    # At least one sample on each side when possible: a client needs data to train and to be evaluated.
+    n_test = 0 if n < 2 else min(max(round(n * test_fraction), 1), n - 1)
+    return ClientSplit(pid, np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test]))
+
+
+def write_partition_report(
+    run_dir: Path,
+    splits: list[ClientSplit],
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    partitioner: str | None = None,
+) -> None:
+    """Write ``partition.json`` (per-client sizes and class counts) and ``partition.png`` into ``run_dir``.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Existing output directory.
+    splits : list[ClientSplit]
+        The clients' splits, as made by :func:`make_client_splits`.
+    labels : np.ndarray
+        Labels of the training set the splits index into.
+    num_classes : int
+        Number of classes (the length of every ``class_counts`` list).
+    partitioner : str | None
+        Name recorded in the JSON (e.g. ``cfg.data.partitioner``).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    run_dir = Path(run_dir)
+    clients = [_client_entry(s, labels, num_classes) for s in splits]
+    head = {"num_clients": len(splits), "partitioner": partitioner, "num_classes": num_classes}
+    # One client per line: readable, and still small for hundreds of clients x 100 classes.
+    body = ",\n".join(f"    {json.dumps(c)}" for c in clients)
+    text = json.dumps(head, indent=2)[:-2] + f',\n  "clients": [\n{body}\n  ]\n}}\n'
+    (run_dir / "partition.json").write_text(text)
+    _plot(run_dir / "partition.png", splits, labels, num_classes)
+
+
+def _client_entry(split: ClientSplit, labels: np.ndarray, num_classes: int) -> dict[str, object]:
+    def counts(idx: np.ndarray) -> list[int]:
+        return [int(c) for c in np.bincount(labels[idx], minlength=num_classes)]
+
+    return {
+        "partition_id": split.partition_id,
+        "train_size": len(split.train_idx),
+        "test_size": len(split.test_idx),
+        "class_counts": counts(np.concatenate([split.train_idx, split.test_idx])),  # the whole partition
+        "test_class_counts": counts(split.test_idx),
+    }
+
+
+def _fixed_partitioner(parts: list[np.ndarray]) -> Partitioner:
+    """Our finished splits seen as a flwr-datasets partitioner, so that its plotting can draw them."""
+    from flwr_datasets.partitioner import Partitioner
+
+    class FixedPartitioner(Partitioner):
+        def load_partition(self, partition_id: int) -> datasets.Dataset:
+            # pandas format: flwr-datasets counts labels via pd.Series, which iterates a Column lazily.
+            return self.dataset.select(parts[partition_id]).with_format("pandas")
+
+        @property
+        def num_partitions(self) -> int:
+            return len(parts)
+
+    return FixedPartitioner()
+
+
+def _plot(path: Path, splits: list[ClientSplit], labels: np.ndarray, num_classes: int) -> None:
+    import datasets
+    from flwr_datasets.visualization import plot_label_distributions
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry involved
+
+    features = datasets.Features({LABEL: datasets.ClassLabel(num_classes=num_classes)})
+    partitioner = _fixed_partitioner([np.concatenate([s.train_idx, s.test_idx]) for s in splits])
+    partitioner.dataset = datasets.Dataset.from_dict({LABEL: labels}, features=features)
+    figure = Figure(figsize=(min(max(6.0, 0.3 * len(splits)), 24.0), 4.5))
+    axis = figure.subplots()
+    plot_label_distributions(
+        partitioner, LABEL, axis=axis, legend=True, legend_title="class", title="Labels per client"
+    )
+    figure.savefig(path, dpi=110, bbox_inches="tight")

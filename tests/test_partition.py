@@ -1,0 +1,158 @@
+"""Client partitions (flwr-datasets partitioners on in-memory labels) and the partition report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlayer.config import PARTITIONERS, DataConfig
+from fedlayer.data import ClientSplit, DataError, make_client_splits, subsample, write_partition_report
+
+N, CLIENTS = 1000, 10
+LABELS = np.random.default_rng(7).permutation(np.arange(N) % 10)  # 100 samples per class, shuffled
+
+
+def splits_for(
+    partitioner: str, seed: int = 0, labels: np.ndarray = LABELS, **kw: object
+) -> list[ClientSplit]:
+    return make_client_splits(labels, DataConfig(partitioner=partitioner, **kw), CLIENTS, seed)  # type: ignore[arg-type]
+
+
+def partitions(splits: list[ClientSplit]) -> list[np.ndarray]:
+    return [np.concatenate([s.train_idx, s.test_idx]) for s in splits]
+
+
+def top2_share(labels: np.ndarray) -> float:
+    """Fraction of a client's samples in its two most frequent classes."""
+    counts = np.sort(np.bincount(labels, minlength=10))
+    return float(counts[-2:].sum() / counts.sum())
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_partitions_are_disjoint_and_cover_the_dataset(partitioner: str) -> None:
+    splits = splits_for(partitioner)
+    assert [s.partition_id for s in splits] == list(range(CLIENTS))
+    every = np.concatenate(partitions(splits))
+    assert len(every) == len(np.unique(every)) == N  # disjoint (train vs test too) and complete
+    for s in splits:
+        assert s.train_idx.dtype == np.int64 and (np.diff(s.train_idx) > 0).all()
+        assert len(s.test_idx) == min(max(round(0.2 * (len(s.train_idx) + len(s.test_idx))), 1), 999)
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_partitions_are_reproducible_and_depend_on_the_seed(partitioner: str) -> None:
+    first, again, other = splits_for(partitioner, 1), splits_for(partitioner, 1), splits_for(partitioner, 2)
+    assert all(np.array_equal(a.train_idx, b.train_idx) for a, b in zip(first, again, strict=True))
+    assert all(np.array_equal(a.test_idx, b.test_idx) for a, b in zip(first, again, strict=True))
+    assert any(not np.array_equal(a.train_idx, b.train_idx) for a, b in zip(first, other, strict=True))
+
+
+def test_local_test_split_is_held_out_per_partition() -> None:
+    splits = splits_for("iid", test_fraction=0.3)
+    assert all((len(s.train_idx), len(s.test_idx)) == (70, 30) for s in splits)
+    single = make_client_splits(LABELS[:2], DataConfig(partitioner="iid", min_partition_size=0), 2, 0)
+    assert [(len(s.train_idx), len(s.test_idx)) for s in single] == [(1, 0), (1, 0)]  # nothing to hold out
+
+
+def test_iid_is_label_balanced_even_on_sorted_labels() -> None:
+    sorted_labels = np.sort(LABELS)
+    for part in partitions(splits_for("iid", labels=sorted_labels)):
+        assert len(part) == 100 and np.bincount(sorted_labels[part], minlength=10).min() >= 3
+
+
+def test_dirichlet_small_alpha_is_skewed_large_alpha_is_near_uniform() -> None:
+    skewed = [
+        top2_share(LABELS[p]) for p in partitions(splits_for("dirichlet", alpha=0.05, min_partition_size=0))
+    ]
+    uniform = [top2_share(LABELS[p]) for p in partitions(splits_for("dirichlet", alpha=1000.0))]
+    assert np.median(skewed) > 0.7  # most clients are dominated by two classes
+    assert max(uniform) < 0.35  # 0.2 would be exactly uniform
+
+
+def test_dirichlet_respects_the_minimum_size() -> None:
+    sizes = [len(p) for p in partitions(splits_for("dirichlet", alpha=0.5, min_partition_size=40))]
+    assert min(sizes) >= 40 and len(set(sizes)) > 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_pathological_gives_exactly_k_classes_per_client(k: int) -> None:
+    splits = splits_for("pathological", classes_per_client=k)
+    for pid, part in enumerate(partitions(splits)):
+        # "deterministic" assignment: client i holds classes i .. i+k-1 (mod 10)
+        assert set(np.unique(LABELS[part]).tolist()) == {(pid + j) % 10 for j in range(k)}
+        assert abs(len(part) - 100) <= 2  # each class is split evenly among the k clients holding it
+
+
+def test_shard_gives_label_sorted_shards_and_leaves_out_the_remainder() -> None:
+    labels = np.concatenate([LABELS, [9, 9, 9]])  # 1003 samples: 20 shards of 50, 3 samples left out
+    splits = make_client_splits(labels, DataConfig(partitioner="shard", shards_per_client=2), CLIENTS, 0)
+    parts = partitions(splits)
+    assert [len(p) for p in parts] == [100] * CLIENTS
+    assert all(len(np.unique(labels[p])) <= 2 for p in parts)
+
+
+def test_quantity_skews_sizes_but_keeps_labels_iid() -> None:
+    labels = np.sort(np.arange(10000) % 10)  # sorted: contiguous size ranges must not mean label skew
+    cfg = DataConfig(partitioner="quantity", alpha=0.5, min_partition_size=25)
+    parts = partitions(make_client_splits(labels, cfg, CLIENTS, 0))
+    sizes = [len(p) for p in parts]
+    assert sum(sizes) == 10000 and min(sizes) >= 25 and max(sizes) > 4 * min(sizes)
+    for part in (p for p in parts if len(p) >= 500):
+        assert np.abs(np.bincount(labels[part], minlength=10) / len(part) - 0.1).max() < 0.05
+
+
+def test_impossible_minimum_size_fails_fast_with_the_numbers() -> None:
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"data\.min_partition_size: 101 samples x 10 clients = 1010 > 1000"):
+        splits_for("dirichlet", min_partition_size=101)
+    assert time.perf_counter() - start < 1
+
+
+def test_unreachable_dirichlet_minimum_names_alpha() -> None:
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"data\.alpha: Dirichlet\(alpha=0\.01\) over 10 clients") as info:
+        splits_for("dirichlet", alpha=0.01, min_partition_size=90)
+    assert "\n" not in str(info.value) and "min_partition_size=90" in str(info.value)
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize(
+    ("partitioner", "kw", "clients", "message"),
+    [
+        ("iid", {}, N + 1, r"federation\.clients: 1001 clients but only 1000 training samples"),
+        ("iid", {"min_partition_size": 101}, CLIENTS, r"data\.min_partition_size: 101 samples"),
+        ("pathological", {"classes_per_client": 11}, CLIENTS, r"data\.classes_per_client: 11 > 10 classes"),
+        ("shard", {"shards_per_client": 101}, CLIENTS, r"data\.shards_per_client: 101 x 10 clients = 1010"),
+        ("quantity", {"min_partition_size": 0}, N + 1, r"federation\.clients"),
+    ],
+)
+def test_infeasible_requests_name_the_key(partitioner: str, kw: dict, clients: int, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        make_client_splits(LABELS, DataConfig(partitioner=partitioner, **kw), clients, 0)
+
+
+def test_subsample_is_seeded_sorted_and_zero_keeps_all() -> None:
+    assert np.array_equal(subsample(50, 0, 0), np.arange(50))
+    assert np.array_equal(subsample(50, 80, 0), np.arange(50))
+    picked = subsample(50, 10, 1)
+    assert len(np.unique(picked)) == 10 and (np.diff(picked) > 0).all() and picked.max() < 50
+    assert np.array_equal(picked, subsample(50, 10, 1)) and not np.array_equal(picked, subsample(50, 10, 2))
+
+
+def test_partition_report_has_the_counts_and_a_plot(tmp_path: Path) -> None:
+    splits = splits_for("dirichlet", alpha=0.3)
+    write_partition_report(tmp_path, splits, LABELS, 10, partitioner="dirichlet")
+    report = json.loads((tmp_path / "partition.json").read_text())
+    assert (report["num_clients"], report["partitioner"], report["num_classes"]) == (CLIENTS, "dirichlet", 10)
+    for entry, split in zip(report["clients"], splits, strict=True):
+        part = np.concatenate([split.train_idx, split.test_idx])
+        assert entry["partition_id"] == split.partition_id
+        assert (entry["train_size"], entry["test_size"]) == (len(split.train_idx), len(split.test_idx))
+        assert entry["class_counts"] == np.bincount(LABELS[part], minlength=10).tolist()
+        assert entry["test_class_counts"] == np.bincount(LABELS[split.test_idx], minlength=10).tolist()
+    png = (tmp_path / "partition.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
