@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import re
 from collections.abc import Callable, Iterable, Sequence
-from logging import INFO
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -21,11 +25,17 @@ class RoundObserver:
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         """Train replies as the clients sent them (full models on analysis rounds)."""
 
+    def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
+        """The round's starting global model and the new one (both full ArrayRecords)."""
+
     def on_evaluate_messages(self, server_round: int, messages: Sequence[Message]) -> None:
         """Evaluate instructions, just before they are sent."""
 
     def on_evaluate_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         """Evaluate replies (personalized metrics of each client)."""
+
+    def on_client_faults(self, server_round: int, faults: Sequence[ClientFault]) -> None:
+        """Train replies excluded from this round's aggregation (after ``on_train_replies``)."""
 
 
 def select_arrays(record: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
@@ -61,6 +71,77 @@ def merge_into(full: ArrayRecord, part: ArrayRecord) -> ArrayRecord:
     return merged
 
 
+@dataclass(frozen=True)
+class ClientFault:
+    """A train reply excluded from aggregation: ``reason`` is one of :data:`FAULT_REASONS`."""
+
+    node_id: int
+    partition_id: int | None
+    reason: str
+    detail: str
+
+
+FAULT_REASONS = ("error", "malformed", "missing-keys", "extra-keys", "shape", "nan", "inf")
+
+
+class RoundFailedError(RuntimeError):
+    """Too few valid client updates for the strategy's minimum: the run ends (its last checkpoint stays)."""
+
+
+def partition_of(reply: Message, known: dict[int, int]) -> int | None:
+    """The client's partition id: from its metrics, the error text, or an earlier reply of the node."""
+    if reply.has_content():
+        for record in reply.content.metric_records.values():
+            if "partition-id" in record:
+                return int(cast(float, record["partition-id"]))
+    elif match := re.search(r"partition-id=(\d+)", reply.error.reason or ""):
+        return int(match.group(1))
+    return known.get(reply.metadata.src_node_id)
+
+
+def reply_fault(
+    reply: Message, reference: ArrayRecord, required: set[str], allowed: set[str]
+) -> tuple[str, str]:
+    """("", "") for a usable train reply, else (reason, detail); shapes are checked against ``reference``."""
+    if reply.has_error():
+        return "error", " ".join((reply.error.reason or "").split())[:300]
+    content = reply.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return "malformed", "expected one ArrayRecord and one MetricRecord"
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get("num-examples")
+    if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+        return "malformed", f"num-examples = {weight!r}"
+    arrays = next(iter(content.array_records.values()))
+    keys = set(arrays.keys())
+    if missing := sorted(required - keys):
+        return "missing-keys", ", ".join(missing[:5])
+    if extra := sorted(keys - allowed):
+        return "extra-keys", ", ".join(extra[:5])
+    for key in sorted(required):
+        if key in reference and tuple(arrays[key].shape) != tuple(reference[key].shape):
+            return "shape", f"{key}: {tuple(arrays[key].shape)} != {tuple(reference[key].shape)}"
+    for key in sorted(keys):
+        value = arrays[key].numpy()
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return ("nan" if np.isnan(value).any() else "inf"), key
+    return "", ""
+
+
+class _OrderedGrid:
+    """A Grid whose node ids come sorted by partition id, so seeded sampling picks the same partitions."""
+
+    def __init__(self, grid: Grid, partitions: dict[int, int]) -> None:
+        self._grid, self._partitions = grid, partitions
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self._grid.get_node_ids())
+        return sorted(nodes, key=lambda n: (self._partitions.get(n, len(nodes)), n))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class PartialStrategy(Strategy):
     """Aggregates only ``shared_keys`` with the Flower strategy ``base``; clients keep the rest.
 
@@ -76,6 +157,15 @@ class PartialStrategy(Strategy):
         dropped again before aggregation.
     observers : Sequence[RoundObserver], optional
         Metrics recorder, analysis hook, ...
+    sampling_seed : int, optional
+        Client sampling in round r depends only on (seed, r) and the partition ids, not on node ids.
+
+    Attributes
+    ----------
+    round_offset : int
+        Rounds already done before this ``start`` (resuming): added to Flower's round numbers.
+    partitions : dict[int, int]
+        Node id -> partition id, learned from replies (or set up front).
     """
 
     def __init__(
@@ -85,8 +175,12 @@ class PartialStrategy(Strategy):
         *,
         full_model_rounds: Callable[[int], bool] = lambda _: False,
         observers: Sequence[RoundObserver] = (),
+        sampling_seed: int = 0,
     ) -> None:
         self.base = base
+        self.sampling_seed = sampling_seed
+        self.round_offset = 0
+        self.partitions: dict[int, int] = {}
         self.shared_keys = list(shared_keys)
         self.full_model_rounds = full_model_rounds
         self.observers = list(observers)
@@ -104,9 +198,10 @@ class PartialStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self.global_arrays = arrays
         config = ConfigRecord(dict(config) | {"full-model": self.full_model_rounds(server_round)})
-        messages = list(self.base.configure_train(server_round, self._shared(arrays), config, grid))
+        messages = self._sampled("train", server_round, grid, self.base.configure_train, arrays, config)
         for observer in self.observers:
             observer.on_train_messages(server_round, messages)
         return messages
@@ -114,32 +209,104 @@ class PartialStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        server_round += self.round_offset
+        replies, faults = self.screen(server_round, list(replies))
         for observer in self.observers:
             observer.on_train_replies(server_round, replies)
+        for observer in self.observers:
+            observer.on_client_faults(server_round, faults)
+        if len(replies) < self.base.min_train_nodes:
+            raise RoundFailedError(
+                f"round {server_round}: {len(replies)} valid client updates < federation.min_train_clients"
+                f"={self.base.min_train_nodes}; excluded: {_describe(faults)}"
+            )
         for reply in replies:
             if reply.has_content():
                 reply.content = restrict_content(reply.content, self.shared_keys)
         if not self.shared_keys:
-            return self.global_arrays, self._aggregate_metrics_only(replies)
-        shared, metrics = self.base.aggregate_train(server_round, replies)
-        if shared is None:
-            return None, metrics
-        return merge_into(self.global_arrays, shared), metrics
+            merged, metrics = self.global_arrays, self._aggregate_metrics_only(replies)
+        else:
+            shared, metrics = self.base.aggregate_train(server_round, replies)
+            if shared is None:
+                return None, metrics
+            merged = merge_into(self.global_arrays, shared)
+        for observer in self.observers:
+            observer.on_aggregated(server_round, self.global_arrays, merged)
+        return merged, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(self.base.configure_evaluate(server_round, self._shared(arrays), config, grid))
+        server_round += self.round_offset
+        messages = self._sampled("evaluate", server_round, grid, self.base.configure_evaluate, arrays, config)
         for observer in self.observers:
             observer.on_evaluate_messages(server_round, messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        server_round += self.round_offset
+        replies = self._in_partition_order(list(replies))
         for observer in self.observers:
             observer.on_evaluate_replies(server_round, replies)
         return self.base.aggregate_evaluate(server_round, replies)
+
+    def screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], list[ClientFault]]:
+        """Usable train replies in partition order, and the excluded ones (each logged).
+
+        Flower's validation would abort the whole run on one inconsistent reply; a NaN update would
+        silently poison the average. Keys of the model that are not shared (full-model rounds) are allowed.
+        """
+        replies = self._in_partition_order(replies)
+        required = set(self.shared_keys)
+        allowed = required | set(self.global_arrays.keys())  # personal keys are dropped later, not faults
+        good: list[Message] = []
+        faults: list[ClientFault] = []
+        for reply in replies:
+            reason, detail = reply_fault(reply, self.global_arrays, required, allowed)
+            if not reason:
+                good.append(reply)
+                continue
+            fault = ClientFault(
+                reply.metadata.src_node_id, partition_of(reply, self.partitions), reason, detail
+            )
+            log(
+                WARNING,
+                "round %d: client partition-id=%s excluded (%s: %s)",
+                server_round,
+                fault.partition_id,
+                reason,
+                detail,
+            )
+            faults.append(fault)
+        return good, faults
+
+    def _in_partition_order(self, replies: list[Message]) -> list[Message]:
+        """Replies sorted by partition id: float sums then do not depend on which client finished first."""
+        for reply in replies:
+            pid = partition_of(reply, {})
+            if pid is not None:
+                self.partitions[reply.metadata.src_node_id] = pid
+        return sorted(
+            replies, key=lambda r: (self.partitions.get(r.metadata.src_node_id, -1), r.metadata.src_node_id)
+        )
+
+    def _sampled(
+        self,
+        kind: str,
+        server_round: int,
+        grid: Grid,
+        configure: Callable[[int, ArrayRecord, ConfigRecord, Grid], Iterable[Message]],
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+    ) -> list[Message]:
+        """Flower samples with the global ``random``; seed it per (seed, kind, round) and restore it."""
+        state = random.getstate()
+        random.seed(f"{self.sampling_seed}:{kind}:{server_round}")
+        try:
+            ordered = cast(Grid, _OrderedGrid(grid, self.partitions))
+            return list(configure(server_round, self._shared(arrays), config, ordered))
+        finally:
+            random.setstate(state)
 
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
         return select_arrays(arrays, self.shared_keys)
@@ -150,3 +317,7 @@ class PartialStrategy(Strategy):
         if not valid:
             return None
         return self.base.train_metrics_aggr_fn(valid, self.base.weighted_by_key)
+
+
+def _describe(faults: Sequence[ClientFault]) -> str:
+    return "; ".join(f"partition-id={f.partition_id} {f.reason} ({f.detail})" for f in faults) or "none"
