@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= experiments/default.toml
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data run test test-fast lint clean
+.PHONY: install data run test test-fast e2e-docker lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: data
 
 test-fast: install
 	$(PY) -m pytest -q
+
+# Docker end to end (root; starts dockerd without a bridge if none runs): compose.yml, 2 rounds, results on the host.
+e2e-docker: install
+	$(PY) -m pytest -m docker -q -s tests/test_docker.py
 
 lint: install
 	$(PY) -m ruff check .

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlayer.config import Config, ConfigError, load_config
+from fedlayer.config import Config, ConfigError, check_gpus, load_config
 
 EXIT_BAD_INPUT = 2
 
@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", help="run directory (default: runs/<config>-<timestamp>)")
     run.add_argument("--overwrite", action="store_true", help="allow writing into an existing run directory")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last complete round (--set federation.rounds=N extends it)",
+    )
     parts = sub.add_parser("partitions", help="partition the data as configured and write partition.json/png")
     parts.add_argument("config", nargs="?", default="experiments/default.toml")
     parts.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -46,22 +51,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlayer.results import RunDir
     from fedlayer.simulation import simulate
 
-    cfg = load_config(args.config, args.overrides)
-    _check_before_start(cfg)
-    run = RunDir.create(args.out or _default_out(args.config), overwrite=args.overwrite)
+    if args.resume:
+        cfg, run = _resumed(args)
+        _check_before_start(cfg)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        _check_before_start(cfg)
+        run = RunDir.create(args.out or _default_out(args.config), overwrite=args.overwrite)
     with RoundProgress(cfg.federation.rounds) as progress:
-        simulate(cfg, run, progress.update)
+        simulate(cfg, run, progress.update, resume=bool(args.resume))
     print(f"run directory: {run.path}")
     final = run.read_jsonl()[-1]
     print(_final_line(final))
     return 0
 
 
+def _resumed(args: argparse.Namespace) -> tuple[Config, Any]:
+    """The run's own config (only ``federation.rounds`` may change) and its directory, checkpoint present."""
+    from fedlayer.checkpoint import load_checkpoint
+    from fedlayer.results import RunDir
+
+    if args.out or args.overwrite:
+        raise ConfigError("--resume: continues RUN_DIR in place; drop --out / --overwrite")
+    for item in args.overrides:
+        if item.partition("=")[0].strip() != "federation.rounds":
+            raise ConfigError(f"--set {item!r}: with --resume only federation.rounds may change")
+    run = RunDir(Path(args.resume))
+    resolved = run.file("config.resolved.toml")
+    if not resolved.exists():
+        raise ConfigError(f"--resume: {args.resume!r} is not a run directory (no config.resolved.toml)")
+    cfg = load_config(resolved, args.overrides)
+    done = load_checkpoint(run).round
+    if done >= cfg.federation.rounds:
+        raise ConfigError(
+            f"--resume: {args.resume!r} already completed {done} of federation.rounds="
+            f"{cfg.federation.rounds}; pass --set federation.rounds=N with N > {done}"
+        )
+    return cfg, run
+
+
 def _check_before_start(cfg: Config) -> None:
     """Fail fast on what would otherwise fail inside the simulation (data, partitions, selectors)."""
     from fedlayer.experiment import federated_data, initial_model
     from fedlayer.server_app import shared_layers
+    from fedlayer.simulation import available_gpus
     from strategies import AGGREGATORS, aggregator_name
+
+    check_gpus(cfg, available_gpus())
 
     aggregator = aggregator_name(cfg.strategy)
     if aggregator not in AGGREGATORS:
@@ -104,11 +140,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except RuntimeError as err:
+        failed = _round_failure(err)
+        if failed is None:
+            raise
+        print(f"fedlayer: error: {failed}", file=sys.stderr)
+        return 1
     except (ConfigError, ValueError) as err:
         if not _is_input_error(err):
             raise
         print(f"fedlayer: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _round_failure(err: BaseException | None) -> BaseException | None:
+    """The RoundFailedError behind Flower's wrapping, if that is what ended the run."""
+    from strategies.mechanism import RoundFailedError
+
+    while err is not None and not isinstance(err, RoundFailedError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def _is_input_error(err: Exception) -> bool:

@@ -7,14 +7,17 @@ node config (``partition-id``).
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlayer.checkpoint import load_client_state, save_client_state
 from fedlayer.config import Config, config_from_dict
 from fedlayer.data import TensorData
 from fedlayer.experiment import client_generator, federated_data, initial_model
@@ -25,6 +28,8 @@ from strategies.recipes import RECIPES, LocalTask, personalize
 
 app = ClientApp()
 PERSONAL = "personal"  # context.state key of the client's personal layers
+# Test-only fault injection: "kind:partition:round[,...]" with kind in raise|nan|inf|shape|missing|extra.
+TEST_FAULT_ENV = "FEDLAYER_TEST_FAULT"
 
 
 @lru_cache(maxsize=4)
@@ -54,11 +59,16 @@ class ClientJob:
         train_data, test_data = data.client(partition_id)
         device = resolve_device(cfg.train.device)
         model = initial_model(cfg, data.test)
+        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        if PERSONAL not in context.state and config.get("state-dir"):
+            # A resumed simulation: personal layers come from the run directory, not the lost process.
+            personal = load_client_state(str(config["state-dir"]), partition_id, server_round)
+            if personal is not None:
+                context.state[PERSONAL] = ArrayRecord(personal)
         if PERSONAL in context.state:
             load_state(model, context.state[PERSONAL].to_torch_state_dict())  # type: ignore[union-attr]
         arrays = msg.content["arrays"]
         load_state(model, arrays.to_torch_state_dict())  # type: ignore[union-attr]
-        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         return cls(
             cfg,
             partition_id,
@@ -102,13 +112,30 @@ class ClientJob:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the assembled model with the algorithm's recipe; keep personal layers; reply shared ones."""
+    partition_id = int(context.node_config["partition-id"])
+    try:
+        return _train(msg, context)
+    except Exception as err:
+        # Flower reports only the exception text; the server logs the fault by partition id.
+        raise RuntimeError(f"partition-id={partition_id}: {type(err).__name__}: {err}") from err
+
+
+def _train(msg: Message, context: Context) -> Message:
     job = ClientJob.from_message(msg, context)
+    fault = _test_fault(job.partition_id, job.server_round)
+    if fault == "raise":
+        raise RuntimeError(f"{TEST_FAULT_ENV}: injected failure")
     task = job.task()
     loss_before, acc_before = job.personalized_eval(task)
     train_loss = RECIPES[get_algorithm(job.cfg.strategy).recipe](task)
     loss_after, acc_after = job.personalized_eval(task)
     context.state[PERSONAL] = job.state(job.personal_keys())
-    full = bool(msg.content["config"].get("full-model", False))
+    config = msg.content["config"]
+    if config.get("state-dir"):
+        save_client_state(
+            str(config["state-dir"]), job.partition_id, job.server_round, job.state(job.personal_keys())
+        )
+    full = bool(config.get("full-model", False))
     metrics = MetricRecord(
         {
             "num-examples": len(job.train_data),
@@ -120,8 +147,42 @@ def train(msg: Message, context: Context) -> Message:
             "personalized_loss_after": loss_after,
         }
     )
-    arrays = job.state(None if full else job.received)
+    arrays = _corrupt(job.state(None if full else job.received), fault)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _test_fault(partition_id: int, server_round: int) -> str:
+    """The fault ``$FEDLAYER_TEST_FAULT`` injects for this client and round ("" = none); tests only."""
+    for item in os.environ.get(TEST_FAULT_ENV, "").split(","):
+        kind, _, where = item.strip().partition(":")
+        if kind and where == f"{partition_id}:{server_round}":
+            return kind
+    return ""
+
+
+def _corrupt(arrays: ArrayRecord, fault: str) -> ArrayRecord:
+    """The reply as a faulty client would send it (test-only)."""
+    if not fault:
+        return arrays
+    first = next(iter(arrays.keys()))
+    value = arrays[first].numpy().astype(np.float32)
+    if fault in ("nan", "inf"):
+        value.flat[0] = np.nan if fault == "nan" else np.inf
+        arrays[first] = Array(value)
+    elif fault == "shape":
+        arrays[first] = Array(np.zeros((*value.shape, 2), dtype=np.float32))
+    elif fault == "missing":
+        del arrays[first]
+    elif fault == "extra":
+        arrays["injected.extra"] = Array(np.zeros(3, dtype=np.float32))
+    return arrays
+
+
+@app.query("partition")
+def query_partition(msg: Message, context: Context) -> Message:
+    """This node's partition id (the server orders nodes by it, so sampling is reproducible)."""
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

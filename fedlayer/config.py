@@ -235,15 +235,38 @@ def validate(cfg: Config) -> None:
     _check("analysis.samples", a.samples >= 1, a.samples, ">= 1")
     _check(
         "analysis.alphas",
-        all(0 <= x <= 1 for x in a.alphas) and len(set(a.alphas)) == len(a.alphas),
+        not a.alphas or (len(a.alphas) >= 2 and all(0 <= x <= 1 for x in a.alphas) and _distinct(a.alphas)),
         a.alphas,
-        "distinct values in [0, 1]",
+        "[] (midpoint only) or at least 2 distinct values in [0, 1]",
     )
     for order in a.cumulative:
         _one_of("analysis.cumulative", order, ("shallow", "deep", "random", "minimal"))
     _one_of("analysis.bn", a.bn, ("interpolate", "reset"))
     _check("analysis.num_gpus", a.num_gpus >= 0, a.num_gpus, ">= 0")
     _check("analysis.num_cpus", a.num_cpus >= 0, a.num_cpus, ">= 0")
+
+
+def _distinct(values: list[float]) -> bool:
+    return len(set(values)) == len(values)
+
+
+def check_gpus(cfg: Config, available: int) -> None:
+    """The GPU shares the run asks for must fit the GPUs this machine has.
+
+    Not part of :func:`validate`: clients validate the same config on machines with other devices.
+    Ray schedules at least one client actor beside the analysis actor, so both shares must fit.
+    """
+    f, a = cfg.federation, cfg.analysis
+    analysis_gpus = a.num_gpus if a.every > 0 else 0.0
+    if f.client_gpus > 0 and available == 0:
+        raise ConfigError(
+            f"federation.client_gpus: {f.client_gpus!r} is not allowed; no CUDA device is available"
+        )
+    if analysis_gpus + f.client_gpus > available:
+        raise ConfigError(
+            f"analysis.num_gpus: {a.num_gpus!r} is not allowed; analysis.num_gpus + federation.client_gpus "
+            f"= {analysis_gpus + f.client_gpus:g} must be <= {available} available GPU(s)"
+        )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

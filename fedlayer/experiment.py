@@ -33,8 +33,13 @@ def federated_data(cfg: Config) -> FederatedData:
 
 def _data_view(cfg: Config) -> Config:
     # Only what determines the data: other sections at defaults keep the cache key stable.
+    # analysis.max_clients must stay within [2, clients] or the view fails validation for < 4 clients.
+    analysis = type(cfg.analysis)(max_clients=cfg.analysis.max_clients)
     return Config(
-        seed=cfg.seed, data=cfg.data, federation=type(cfg.federation)(clients=cfg.federation.clients)
+        seed=cfg.seed,
+        data=cfg.data,
+        federation=type(cfg.federation)(clients=cfg.federation.clients),
+        analysis=analysis,
     )
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedlayer.config import ConfigError
-from strategies.mechanism import RoundObserver
+from strategies.mechanism import ClientFault, RoundObserver
 
 METRICS = "metrics.jsonl"
 
@@ -124,6 +125,15 @@ class RoundRecorder(RoundObserver):
         self.row["client_failures"] = sum(reply.has_error() for reply in replies)
         for key in self.CLIENT_KEYS:
             self.row |= client_stats(key, [m[key] for m in metrics if key in m])
+
+    def on_client_faults(self, server_round: int, faults: Sequence[ClientFault]) -> None:
+        self.row["client_failures"] = sum(f.reason == "error" for f in faults)
+        self.row["client_faults"] = len(faults)
+        if faults:
+            self.row["client_fault_reasons"] = dict(Counter(f.reason for f in faults))
+            self.row["faulty_partitions"] = sorted(
+                f.partition_id for f in faults if f.partition_id is not None
+            )
 
     def on_evaluate_messages(self, server_round: int, messages: Sequence[Message]) -> None:
         self.row["bytes_down"] = self.row.get("bytes_down", 0) + _payload(messages)

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedlayer.analysis.hook import GLOBAL, AnalysisHook, check_resources, is_analysis_round
+from fedlayer.checkpoint import CLIENT_STATE, checkpointing, load_checkpoint, restore
 from fedlayer.config import Config, load_config, to_toml
 from fedlayer.data import write_partition_report
 from fedlayer.experiment import FederatedData, federated_data, initial_model
 from fedlayer.layers import Resolution, resolve
 from fedlayer.results import RoundCallback, RoundRecorder, RunDir, plot_accuracy, save_arrays
 from fedlayer.training import evaluate, resolve_device
-from strategies import PartialStrategy, aggregator_name, get_algorithm, make_aggregator
+from strategies import PartialStrategy, RoundObserver, aggregator_name, get_algorithm, make_aggregator
 
 app = ServerApp()
 
@@ -45,8 +47,69 @@ def global_evaluator(
     return evaluate_fn
 
 
-def run_server(grid: Grid, cfg: Config, run: RunDir, on_round: RoundCallback | None = None) -> None:
-    """Run the federation described by ``cfg`` on ``grid`` and write everything into ``run``."""
+def discover_partitions(grid: Grid) -> dict[int, int]:
+    """Node id -> partition id of the connected nodes (a ``query.partition`` message to each)."""
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.partition")
+        for node in grid.get_node_ids()
+    ]
+    replies = grid.send_and_receive(messages)
+    return {
+        r.metadata.src_node_id: int(r.content["metrics"]["partition-id"])  # type: ignore[arg-type]
+        for r in replies
+        if r.has_content()
+    }
+
+
+class AnalysisObserver(RoundObserver):
+    """Hands the full client models of analysis rounds (and the new global model) to the analysis hook."""
+
+    def __init__(self, cfg: Config, hook: AnalysisHook) -> None:
+        self.cfg, self.hook = cfg, hook
+        self.models: dict[int | str, dict] = {}
+
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        if not is_analysis_round(self.cfg.analysis, server_round):
+            return
+        for reply in replies:
+            if reply.has_content():
+                pid = int(reply.content.metric_records["metrics"]["partition-id"])  # type: ignore[arg-type]
+                self.models[pid] = reply.content.array_records["arrays"].to_torch_state_dict()
+
+    def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
+        if not self.models:
+            self.hook.poll()
+            return
+        models, self.models = self.models, {}
+        if self.cfg.analysis.pairs in ("global", "both"):
+            models[GLOBAL] = aggregated.to_torch_state_dict()
+        self.hook.submit(server_round, models, previous.to_torch_state_dict())
+
+
+def analysis_hook(cfg: Config, run: RunDir) -> AnalysisHook | None:
+    """The per-round barrier analysis, when ``analysis.every`` > 0."""
+    if cfg.analysis.every == 0:
+        return None
+    import torch
+
+    check_resources(cfg, torch.cuda.device_count())
+    return AnalysisHook(cfg, run.path)
+
+
+def run_server(
+    grid: Grid,
+    cfg: Config,
+    run: RunDir,
+    on_round: RoundCallback | None = None,
+    *,
+    resume: bool = False,
+    client_state: bool = False,
+) -> None:
+    """Run the federation described by ``cfg`` on ``grid`` and write everything into ``run``.
+
+    ``resume`` continues from ``run``'s checkpoint; ``client_state`` (simulation only: clients share the
+    server's file system) makes clients keep their personal layers in ``run`` too, so a resume has them.
+    """
     started = time.perf_counter()
     run.write_text("config.resolved.toml", to_toml(cfg))
     data = federated_data(cfg)
@@ -58,20 +121,40 @@ def run_server(grid: Grid, cfg: Config, run: RunDir, on_round: RoundCallback | N
     run.write_json("layers.json", layers.to_json())
     log(INFO, "fedlayer: %s", layers.describe())
     recorder = RoundRecorder(run, on_round)
+    hook = analysis_hook(cfg, run)
+    observers: list[RoundObserver] = [recorder] if hook is None else [recorder, AnalysisObserver(cfg, hook)]
     base = make_aggregator(aggregator_name(cfg.strategy), cfg.strategy, cfg.federation)
-    strategy = PartialStrategy(base, layers.shared_keys, observers=[recorder])
+    strategy = PartialStrategy(
+        base,
+        layers.shared_keys,
+        full_model_rounds=lambda r: is_analysis_round(cfg.analysis, r),
+        observers=observers,
+        sampling_seed=cfg.seed,
+    )
     experiment = ConfigRecord({"experiment": to_toml(cfg)})
+    if client_state:
+        experiment["state-dir"] = str(run.file(CLIENT_STATE).resolve())
     initial = ArrayRecord(model.state_dict())
-    save_arrays(run, "initial_model.pt", initial)
+    if resume:
+        checkpoint = load_checkpoint(run)
+        restore(run, checkpoint, strategy)
+        initial = checkpoint.arrays
+        log(INFO, "fedlayer: resuming %s after round %d", run.path, checkpoint.round)
+    else:
+        save_arrays(run, "initial_model.pt", initial)
+    if cfg.federation.fraction_train < 1 or cfg.federation.fraction_evaluate < 1:
+        strategy.partitions = discover_partitions(grid)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=cfg.federation.rounds,
+        num_rounds=cfg.federation.rounds - strategy.round_offset,
         train_config=experiment,
         evaluate_config=ConfigRecord(dict(experiment)),
-        evaluate_fn=global_evaluator(cfg, data, recorder),
+        evaluate_fn=checkpointing(global_evaluator(cfg, data, recorder), run, strategy),
     )
     save_arrays(run, "model.pt", result.arrays)
+    if hook is not None:
+        hook.finish()
     plot_accuracy(run)
     run.write_json(
         "summary.json",

@@ -16,7 +16,7 @@ from fedlayer.results import RoundCallback, RunDir
 def backend_config(cfg: Config) -> dict[str, object]:
     """Ray resources: each client actor asks for ``client_cpus`` / ``client_gpus``."""
     f = cfg.federation
-    gpus = _available_gpus()
+    gpus = available_gpus()
     if f.client_gpus > 0 and gpus == 0:
         raise ConfigError(
             f"federation.client_gpus: {f.client_gpus} requested but no CUDA device is available"
@@ -31,14 +31,19 @@ def backend_config(cfg: Config) -> dict[str, object]:
     return {"client_resources": {"num_cpus": f.client_cpus, "num_gpus": f.client_gpus}, "init_args": init}
 
 
-def _available_gpus() -> int:
+def available_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
 
 
-def simulate(cfg: Config, run: RunDir, on_round: RoundCallback | None = None) -> None:
-    """Run ``cfg`` with ``federation.clients`` virtual SuperNodes; raises if the ServerApp fails."""
+def simulate(
+    cfg: Config, run: RunDir, on_round: RoundCallback | None = None, *, resume: bool = False
+) -> None:
+    """Run ``cfg`` with ``federation.clients`` virtual SuperNodes; raises if the ServerApp fails.
+
+    ``resume`` continues ``run`` from its checkpoint.
+    """
     from flwr.simulation import run_simulation
 
     from fedlayer.client_app import app as client_app
@@ -48,17 +53,33 @@ def simulate(cfg: Config, run: RunDir, on_round: RoundCallback | None = None) ->
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, run, on_round)
+        run_server(grid, cfg, run, on_round, resume=resume, client_state=True)
 
     _log_flower_to(run)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=cfg.federation.clients,
-            backend_config=backend_config(cfg),  # type: ignore[arg-type]
-        )
+    backend = backend_config(cfg)
+    _start_ray(backend["init_args"])  # type: ignore[arg-type]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.federation.clients,
+                backend_config=backend,  # type: ignore[arg-type]
+            )
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
+def _start_ray(init_args: dict[str, object]) -> None:
+    """Start Ray before Flower does: the ServerApp thread may create the analysis actor before Flower's
+    backend would initialise Ray, and Flower uses a running Ray as it is."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**init_args)  # type: ignore[arg-type]
 
 
 def _log_flower_to(run: RunDir) -> None:

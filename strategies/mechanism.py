@@ -286,9 +286,12 @@ class PartialStrategy(Strategy):
             pid = partition_of(reply, {})
             if pid is not None:
                 self.partitions[reply.metadata.src_node_id] = pid
-        return sorted(
-            replies, key=lambda r: (self.partitions.get(r.metadata.src_node_id, -1), r.metadata.src_node_id)
-        )
+
+        def order(reply: Message) -> tuple[int, int]:
+            pid = partition_of(reply, self.partitions)
+            return (-1 if pid is None else pid, reply.metadata.src_node_id)
+
+        return sorted(replies, key=order)
 
     def _sampled(
         self,

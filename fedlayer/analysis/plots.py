@@ -39,11 +39,17 @@ def layer_heatmap(rows: list[dict[str, str]], out: Path) -> Path | None:
     blocks = list(dict.fromkeys(block for block, _ in means))
     rounds = sorted({int(r) for _, r in means})
     grid = np.array([[means.get((b, str(r)), np.nan) for r in rounds] for b in blocks])
-    fig = Figure(figsize=(1.2 + 0.5 * len(rounds), 1.0 + 0.28 * len(blocks)))
+    fig = Figure(figsize=(max(5.0, 2.5 + 0.35 * len(rounds)), 1.5 + 0.28 * len(blocks)))
     ax = fig.subplots()
     image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set(xticks=range(len(rounds)), xticklabels=rounds, yticks=range(len(blocks)), yticklabels=blocks,
-           xlabel="round", title="layer-wise barrier (midpoint)")
+    ax.set(
+        xticks=range(len(rounds)),
+        xticklabels=rounds,
+        yticks=range(len(blocks)),
+        yticklabels=blocks,
+        xlabel="round",
+        title="layer-wise barrier (midpoint)",
+    )
     fig.colorbar(image, ax=ax, label="loss barrier")
     return _save(fig, out)
 
@@ -86,8 +92,11 @@ def cumulative_curves(rows: list[dict[str, str]], out: Path) -> Path | None:
 
 def predicted_vs_measured(rows: list[dict[str, str]], out: Path) -> Path | None:
     """Second-order prediction of the midpoint barrier (-1/8 curvature) against the measured one."""
-    points = [(float(r["predicted_barrier"]), float(r["measured_barrier"])) for r in rows
-              if r.get("predicted_barrier") not in (None, "") and r.get("measured_barrier") not in (None, "")]
+    points = [
+        (float(r["predicted_barrier"]), float(r["measured_barrier"]))
+        for r in rows
+        if r.get("predicted_barrier") not in (None, "") and r.get("measured_barrier") not in (None, "")
+    ]
     if not points:
         return None
     predicted, measured = np.array(points).T

