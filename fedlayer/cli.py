@@ -1,4 +1,4 @@
-"""``fedlayer`` command line: run | partitions."""
+"""``fedlayer`` command line: run | compare | report | partitions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlayer.compare import add_parsers as add_compare_parsers
+from fedlayer.compare import cmd_compare, cmd_report
 from fedlayer.config import Config, ConfigError, check_gpus, load_config
 
 EXIT_BAD_INPUT = 2
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parts.add_argument("config", nargs="?", default="experiments/default.toml")
     parts.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parts.add_argument("--out", default="runs/partitions")
+    run.add_argument("--tensorboard", action="store_true", help="per-round scalars to RUN_DIR/tensorboard")
+    add_compare_parsers(sub)
     return parser
 
 
@@ -48,7 +52,7 @@ def _default_out(config_path: str) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedlayer.progress import RoundProgress
-    from fedlayer.results import RunDir
+    from fedlayer.results import RunDir, TensorBoardLog
     from fedlayer.simulation import simulate
 
     if args.resume:
@@ -58,8 +62,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         _check_before_start(cfg)
         run = RunDir.create(args.out or _default_out(args.config), overwrite=args.overwrite)
-    with RoundProgress(cfg.federation.rounds) as progress:
-        simulate(cfg, run, progress.update, resume=bool(args.resume))
+    with (
+        RoundProgress(cfg.federation.rounds) as progress,
+        TensorBoardLog(run, enabled=args.tensorboard) as tb,
+    ):
+
+        def on_round(row: dict[str, Any]) -> None:
+            progress.update(row)
+            tb.add(row)
+
+        simulate(cfg, run, on_round, resume=bool(args.resume))
     print(f"run directory: {run.path}")
     final = run.read_jsonl()[-1]
     print(_final_line(final))
@@ -132,7 +144,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "partitions": cmd_partitions}
+COMMANDS = {"run": cmd_run, "partitions": cmd_partitions, "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -190,3 +190,29 @@ def plot_accuracy(run: RunDir) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+class TensorBoardLog:
+    """Per-round scalars (every numeric metric of the row) to ``RUN_DIR/tensorboard`` when enabled."""
+
+    def __init__(self, run: RunDir, *, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run.file("tensorboard")))
+
+    def __enter__(self) -> TensorBoardLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def add(self, row: dict[str, Any]) -> None:
+        if self.writer is None or row["round"] == 0:
+            return
+        for key, value in row.items():
+            if key != "round" and isinstance(value, int | float):
+                self.writer.add_scalar(key, value, row["round"])
+        self.writer.flush()

@@ -31,14 +31,22 @@ def _mean_by(rows: Iterable[dict[str, str]], *keys: str) -> dict[tuple[str, ...]
     return {key: float(np.mean(values)) for key, values in groups.items()}
 
 
-def layer_heatmap(rows: list[dict[str, str]], out: Path) -> Path | None:
-    """Layer x round heatmap of the midpoint layer-wise barrier (mean over pairs and bases)."""
+def layer_grid(rows: list[dict[str, str]]) -> tuple[list[str], list[int], np.ndarray] | None:
+    """Blocks, rounds and the block x round matrix of midpoint layer-wise barriers (mean over pairs)."""
     means = _mean_by(_midpoint(rows, "layer"), "block", "round")
     if not means:
         return None
     blocks = list(dict.fromkeys(block for block, _ in means))
     rounds = sorted({int(r) for _, r in means})
-    grid = np.array([[means.get((b, str(r)), np.nan) for r in rounds] for b in blocks])
+    return blocks, rounds, np.array([[means.get((b, str(r)), np.nan) for r in rounds] for b in blocks])
+
+
+def layer_heatmap(rows: list[dict[str, str]], out: Path) -> Path | None:
+    """Layer x round heatmap of the midpoint layer-wise barrier (mean over pairs and bases)."""
+    found = layer_grid(rows)
+    if found is None:
+        return None
+    blocks, rounds, grid = found
     fig = Figure(figsize=(max(5.0, 2.5 + 0.35 * len(rounds)), 1.5 + 0.28 * len(blocks)))
     ax = fig.subplots()
     image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")

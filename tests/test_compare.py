@@ -1,0 +1,79 @@
+"""`fedlayer compare` / `report` on tiny data: table with stds, same partitions, resumable, re-rendered."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from fedlayer.cli import main
+from fedlayer.compare import Variant, _split_specs
+from fedlayer.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_strategy_specs() -> None:
+    assert _split_specs("fedavg,partial[conv1+fc2],local") == ["fedavg", "partial[conv1+fc2]", "local"]
+    variant = Variant.parse("partial[conv1+fc2]")
+    assert variant.overrides == ("strategy.name='partial'", 'strategy.shared=["conv1", "fc2"]')
+    assert variant.folder == "partial_conv1_fc2"
+    with pytest.raises(ConfigError, match="--strategies"):
+        Variant.parse("fed avg")
+
+
+@pytest.mark.slow
+def test_compare_two_strategies_two_seeds(
+    tiny_fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        str(ROOT / "experiments" / "default.toml"),
+        "--strategies",
+        "fedavg,fedper",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+    ]
+    for item in (
+        f"data.root='{tiny_fmnist}'",
+        "data.min_partition_size=5",
+        "federation.clients=3",
+        "federation.rounds=2",
+        "analysis.every=2",
+        "analysis.max_clients=2",
+        "analysis.samples=100",
+    ):
+        args += ["--set", item]
+    assert main(args) == 0
+    with open(out / "table.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["strategy"] for r in rows] == ["fedavg", "fedper"]
+    assert all(r["seeds"] == "2" and float(r["final_personalized_acc_std"]) >= 0 for r in rows)
+    assert all(r["final_full_barrier"] not in ("", "nan") for r in rows)
+    runs = out / "runs"
+    for seed in (0, 1):
+        assert (runs / f"fedavg-seed{seed}" / "partition.json").read_text() == (
+            runs / f"fedper-seed{seed}" / "partition.json"
+        ).read_text()
+    assert (runs / "fedavg-seed0" / "partition.json").read_text() != (
+        runs / "fedavg-seed1" / "partition.json"
+    ).read_text()
+    for name in ("report.md", "accuracy.png", "barrier_heatmaps.png", "table.md"):
+        assert (out / name).exists(), name
+
+    mtimes = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.jsonl")}
+    table_csv, table_md = (out / "table.csv").read_text(), (out / "table.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0  # resumable: nothing left to run
+    assert "4 already finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.jsonl")} == mtimes
+
+    (out / "table.csv").unlink()
+    (out / "table.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "table.csv").read_text() == table_csv
+    assert (out / "table.md").read_text() == table_md
