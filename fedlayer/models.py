@@ -51,22 +51,26 @@ NORM_LAYERS: dict[str, NormLayer | None] = {"none": None, "batch": nn.BatchNorm2
 class CNN(nn.Module):
     """The FedAvg CNN (McMahan et al., 2017): 5x5 conv 32 + pool, 5x5 conv 64 + pool, fc 512, classifier.
 
-    'Same' padding gives the paper's 1,663,370 parameters on 28x28x1 inputs.
+    'Same' padding gives the paper's 1,663,370 parameters on 28x28x1 inputs. ``norm`` = batch | group adds
+    ``bn1`` / ``bn2`` after the convolutions (a variant for FedBN; none is the paper's model).
     """
 
     HEAD_BLOCKS: ClassVar[tuple[str, ...]] = ("fc2",)
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, norm: str = "none") -> None:
         super().__init__()
-        _check_norm("cnn", norm, ("none",))
+        _check_norm("cnn", norm, NORMS)
+        layer = NORM_LAYERS[norm]
         self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)
+        self.bn1 = layer(32) if layer is not None else nn.Identity()
         self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.bn2 = layer(64) if layer is not None else nn.Identity()
         self.fc1 = nn.Linear(64 * (image_size // 4) ** 2, 512)
         self.fc2 = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 

@@ -12,7 +12,7 @@ from torchvision.models.vgg import cfgs, make_layers
 from fedlayer.config import MODELS, NORMS, ConfigError
 from fedlayer.models import MODEL_CLASSES, NORM_TYPES, build_model, model_blocks, model_groups
 
-COMBOS = [("cnn", "none"), ("mlp", "none")] + [(m, n) for m in ("resnet18", "vgg11") for n in NORMS]
+COMBOS = [("mlp", "none")] + [(m, n) for m in ("cnn", "resnet18", "vgg11") for n in NORMS]
 INPUTS = [(1, 28), (3, 32)]  # (channels, size): MNIST-like and CIFAR-like
 HEADS = {"cnn": ["fc2"], "mlp": ["fc3"], "resnet18": ["fc"], "vgg11": ["classifier.4"]}
 combos = pytest.mark.parametrize(("name", "norm"), COMBOS, ids=[f"{m}-{n}" for m, n in COMBOS])
@@ -125,7 +125,7 @@ def test_construction_is_deterministic_under_the_seed(name: str, norm: str) -> N
     [
         ("resnet", "none", "model.name: 'resnet' is not allowed; choose one of: cnn, mlp, resnet18, vgg11"),
         ("vgg11", "layer", "model.norm: 'layer' is not allowed for vgg11; choose one of: none, batch, group"),
-        ("cnn", "batch", "model.norm: 'batch' is not allowed for cnn; choose one of: none"),
+        ("mlp", "batch", "model.norm: 'batch' is not allowed for mlp; choose one of: none"),
     ],
 )
 def test_unknown_name_or_norm_is_a_one_line_config_error(name: str, norm: str, message: str) -> None:
