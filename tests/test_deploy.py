@@ -85,18 +85,52 @@ class Finished:
 
 
 def run_deploy(out: Path, overrides: list[str], *extra: str, timeout: int = 300) -> Finished:
+    """`fedlayer deploy local` with 2 SuperNodes; FLWR_HOME and the logs stay in ``out``/../work."""
     args = cli("fedlayer.deploy", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
-    args += ["--out", str(out), "--timeout", str(timeout - 30), *extra, *with_sets(overrides)]
+    args += ["--out", str(out), "--timeout", str(timeout - 30), "--keep-workdir", str(out.parent / "work")]
+    args += [*extra, *with_sets(overrides)]
     started = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env())
     return Finished(out, proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - started)
 
 
-def flower_processes() -> list[str]:
-    """Flower processes left on this machine by this test session (their FLWR_HOME is a temp dir)."""
-    ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
-    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
-    return [line for line in ps.splitlines() if any(name in line for name in names)]
+FLOWER = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flwr",
+)
+
+
+def flower_processes() -> dict[str, tuple[str, str, str]]:
+    """pid -> (state, command line, environment) of the Flower processes on this machine."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            name = (proc / "comm").read_text().strip()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            environ = (proc / "environ").read_bytes().decode(errors="replace") if state != "Z" else ""
+        except (OSError, IndexError):
+            continue
+        if any(n.startswith(name) or n in cmd for n in FLOWER):
+            found[proc.name] = (state, cmd or name, environ)
+    return found
+
+
+ZOMBIES_BEFORE = {pid for pid, (state, _, _) in flower_processes().items() if state == "Z"}
+
+
+def leftovers(marker: Path) -> list[str]:
+    """Flower processes still alive whose FLWR_HOME is under ``marker``, and new Flower zombies (nobody
+    reaped them). Other sessions' Flower processes do not count."""
+    return [
+        f"{pid} {state} {cmd}"
+        for pid, (state, cmd, environ) in flower_processes().items()
+        if (state == "Z" and pid not in ZOMBIES_BEFORE) or str(marker) in environ
+    ]
 
 
 # -- fast: the command's pieces ---------------------------------------------------------------------
@@ -164,7 +198,6 @@ def deployed_and_simulated(
     """The same 2-round FedPer experiment deployed (2 SuperNodes) and simulated, side by side."""
     tmp = tmp_path_factory.mktemp("deploy")
     overrides = experiment(tiny_fmnist)
-    before = set(flower_processes())
     sim_args = cli("fedlayer.cli", "run", "experiments/default.toml", "--out", str(tmp / "sim"))
     started = time.perf_counter()
     sim = subprocess.Popen(
@@ -182,8 +215,8 @@ def deployed_and_simulated(
         sim.kill()
     simulated = Finished(tmp / "sim", sim.returncode, sim_out, time.perf_counter() - started)
     print(f"\ndeployment {deployed.seconds:.0f} s, simulation {simulated.seconds:.0f} s (side by side)")
+    assert leftovers(tmp) == [], "processes left behind"
     yield deployed, simulated
-    assert set(flower_processes()) <= before, "processes left behind"
 
 
 @slow
@@ -259,9 +292,40 @@ def test_tls_deployment(tiny_fmnist: Path, tmp_path: Path) -> None:
     assert [r["round"] for r in read_metrics(run.out)] == [1, 2]
     superlink = (run.out / "deploy" / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1" in superlink
+    assert leftovers(tmp_path) == [], "processes left behind"
     assert "--insecure` was set" not in superlink
     for i in range(2):
         assert "--insecure` was set" not in (run.out / "deploy" / f"supernode-{i}.log").read_text()
+
+
+@slow
+def test_ctrl_c_shuts_the_deployment_down(tiny_fmnist: Path, tmp_path: Path) -> None:
+    args = cli("fedlayer.deploy", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
+    args += ["--out", str(tmp_path / "run"), "--keep-workdir", str(tmp_path / "work")]
+    args += with_sets(experiment(tiny_fmnist, rounds=5))
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "submitted" in line:
+            break
+    assert any("submitted" in line for line in lines), "".join(lines)
+    time.sleep(5)  # the ServerApp and the first ClientApps are starting now
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 130, "".join(lines) + output
+    assert "interrupted" in output
+    assert leftovers(tmp_path) == [], "processes left behind"
+    assert (tmp_path / "run" / "deploy" / "superlink.log").exists()  # logs are collected anyway
 
 
 @slow
@@ -273,6 +337,7 @@ def test_a_failing_serverapp_is_reported_as_failed(tiny_fmnist: Path, tmp_path: 
         run_id = deployment.submit(run_config(missing, experiment(tiny_fmnist), out))
         outcome = deployment.wait(run_id, timeout=240)
         deployment.collect(out)
+    assert leftovers(tmp_path) == [], "processes left behind"
     assert outcome.status == "finished:failed" and not outcome.ok
     assert "no-such-config.toml" in (out / "flower.log").read_text()
 
@@ -296,6 +361,7 @@ def test_a_crashed_supernode_is_survived(tiny_fmnist: Path, tmp_path: Path) -> N
         outcome = deployment.wait(run_id, timeout=400, on_tick=kill_after_round_one)
         deployment.collect(out)
     print(f"\nfault run {time.perf_counter() - started:.0f} s")
+    assert leftovers(tmp_path) == [], "processes left behind"
     assert outcome.ok, outcome
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [1, 2]
