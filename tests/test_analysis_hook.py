@@ -127,7 +127,7 @@ def test_ray_actor_returns_before_the_work_is_done(tiny_fmnist: Path, tmp_path: 
 def test_simulation_with_analysis_writes_every_round_pair_block_and_base(
     tiny_fmnist: Path, tmp_path: Path
 ) -> None:
-    """3 rounds, fedper, hook every round; the actor fails in round 2 (injected) and the run still succeeds."""
+    """3 rounds, fedper, hook every round; the actor fails in round 2 (injected); the run still succeeds."""
     out = tmp_path / "run"
     args = [sys.executable, "-m", "fedlayer.cli", "run", "experiments/default.toml", "--out", str(out)]
     for item in (
