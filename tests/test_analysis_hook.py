@@ -123,28 +123,36 @@ def test_ray_actor_returns_before_the_work_is_done(tiny_fmnist: Path, tmp_path: 
         ray.shutdown()
 
 
-@pytest.mark.slow
-def test_simulation_with_analysis_writes_every_round_pair_block_and_base(
-    tiny_fmnist: Path, tmp_path: Path
-) -> None:
-    """3 rounds, fedper, hook every round; the actor fails in round 2 (injected); the run still succeeds."""
-    out = tmp_path / "run"
+def run_fedper(data_root: Path, out: Path, *overrides: str, **env: str) -> None:
+    """A real 3-client fedper simulation with the hook on, through the CLI in a subprocess."""
     args = [sys.executable, "-m", "fedlayer.cli", "run", "experiments/default.toml", "--out", str(out)]
     for item in (
-        f"data.root='{tiny_fmnist}'",
+        f"data.root='{data_root}'",
         "data.min_partition_size=5",
         "federation.clients=3",
-        "federation.rounds=3",
         "strategy.name='fedper'",
-        "analysis.every=1",
         "analysis.max_clients=3",
-        "analysis.pairs='both'",
         "analysis.samples=100",
+        *overrides,
     ):
         args += ["--set", item]
-    env = os.environ | {"FEDLAYER_TEST_ANALYSIS_FAULT": "2", "FLWR_TELEMETRY_ENABLED": "0"}
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=420, env=env)
+    environ = os.environ | {"FLWR_TELEMETRY_ENABLED": "0"} | env
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=420, env=environ)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_hook_rows_for_every_round_pair_block_and_base(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """3 rounds, hook every round; the actor fails in round 2 (injected); the run still succeeds."""
+    out = tmp_path / "run"
+    run_fedper(
+        tiny_fmnist,
+        out,
+        "federation.rounds=3",
+        "analysis.every=1",
+        "analysis.pairs='both'",
+        FEDLAYER_TEST_ANALYSIS_FAULT="2",
+    )
     rows = read_csv(out / "barriers.csv")
     pairs = {("0", "1"), ("0", "2"), ("1", "2"), ("0", GLOBAL), ("1", GLOBAL), ("2", GLOBAL)}
     blocks = {"conv1", "conv2", "fc1", "fc2"}
@@ -165,20 +173,7 @@ def test_simulation_with_analysis_writes_every_round_pair_block_and_base(
 @pytest.mark.slow
 def test_full_models_travel_only_on_analysis_rounds(tiny_fmnist: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "fedlayer.cli", "run", "experiments/default.toml", "--out", str(out)]
-    for item in (
-        f"data.root='{tiny_fmnist}'",
-        "data.min_partition_size=5",
-        "federation.clients=3",
-        "federation.rounds=2",
-        "strategy.name='fedper'",
-        "analysis.every=2",
-        "analysis.max_clients=3",
-        "analysis.samples=100",
-    ):
-        args += ["--set", item]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_fedper(tiny_fmnist, out, "federation.rounds=2", "analysis.every=2")
     assert {r["round"] for r in read_csv(out / "barriers.csv")} == {"2"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # fedper keeps the head personal; only the analysis round brings full models back.
