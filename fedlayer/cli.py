@@ -1,4 +1,4 @@
-"""``fedlayer`` command line: run | compare | report | partitions."""
+"""``fedlayer`` command line: run | compare | report | deploy | partitions."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from fedlayer.compare import add_parsers as add_compare_parsers
 from fedlayer.compare import cmd_compare, cmd_report
 from fedlayer.config import Config, ConfigError, check_gpus, load_config
+from fedlayer.deploy import add_deploy_parser, cmd_deploy
 
 EXIT_BAD_INPUT = 2
 
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parts.add_argument("--out", default="runs/partitions")
     run.add_argument("--tensorboard", action="store_true", help="per-round scalars to RUN_DIR/tensorboard")
     add_compare_parsers(sub)
+    add_deploy_parser(sub)
     return parser
 
 
@@ -144,7 +146,13 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "partitions": cmd_partitions, "compare": cmd_compare, "report": cmd_report}
+COMMANDS = {
+    "run": cmd_run,
+    "partitions": cmd_partitions,
+    "compare": cmd_compare,
+    "report": cmd_report,
+    "deploy": cmd_deploy,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

