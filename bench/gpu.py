@@ -242,12 +242,15 @@ def summary_lines(name: str, result: dict[str, Any]) -> list[str]:
         f"{name}: eval img/s  naive fp32 b256 {speed['naive_fp32_b256']:,.0f} | exact fp32 b2048 "
         f"{speed['exact_fp32_b2048']:,.0f} | bf16+cl b2048 {speed['fast_b2048']:,.0f} "
         f"(x{speed['fast_b2048'] / speed['naive_fp32_b256']:.1f})",
-        f"{name}: layer barriers ({result['blocks']} blocks, n={layer['samples']})  naive {layer['naive_s']:.2f}s | "
-        f"exact {layer['exact_s']:.2f}s | fast {layer['fast_s']:.2f}s (x{layer['naive_s'] / layer['fast_s']:.1f}); "
-        f"max|fast-exact| {layer['max_gap_fast_vs_exact']:.2e}, max|naive-exact| "
-        f"{layer['max_gap_naive_vs_exact']:.2e} (tol {layer['tolerance']:.2e}, max|B| {layer['max_barrier']:.2e})",
-        f"{name}: syncs {result['syncs']}; analysis {extra['analysis_rows']} rows {extra['analysis_s']:.2f}s, "
-        f"bn reset {extra['bn_reset_s']:.2f}s, landscape {extra['landscape_rows']} rows {extra['landscape_s']:.2f}s",
+        f"{name}: layer barriers ({result['blocks']} blocks, n={layer['samples']})  "
+        f"naive {layer['naive_s']:.2f}s | exact {layer['exact_s']:.2f}s | fast {layer['fast_s']:.2f}s "
+        f"(x{layer['naive_s'] / layer['fast_s']:.1f}); max|fast-exact| {layer['max_gap_fast_vs_exact']:.2e}, "
+        f"max|naive-exact| {layer['max_gap_naive_vs_exact']:.2e} (tol {layer['tolerance']:.2e}, "
+        f"max|B| {layer['max_barrier']:.2e})",
+        f"{name}: syncs {result['syncs']}; analysis {extra['analysis_rows']} rows "
+        f"{extra['analysis_s']:.2f}s, "
+        f"bn reset {extra['bn_reset_s']:.2f}s, landscape {extra['landscape_rows']} rows "
+        f"{extra['landscape_s']:.2f}s",
     ]
 
 
