@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from runs import assert_same_model, cli_args, metrics, run
+from sim_helpers import assert_same_model, cli_args, metrics, run
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from sim_helpers import ROOT, assert_same_model, cli_args, env, metrics, run
 
 from fedlayer.checkpoint import CHECKPOINT
-from runs import ROOT, assert_same_model, cli_args, env, metrics, run
 
 pytestmark = pytest.mark.slow
 
