@@ -96,8 +96,8 @@ class ClientJob:
             set(self.received) & params,
         )
 
-    def personalized_eval(self, task: LocalTask) -> tuple[float, float]:
-        model = personalize(get_algorithm(self.cfg.strategy).recipe, task)
+    def personalized_eval(self, task: LocalTask, *, last_round: bool = False) -> tuple[float, float]:
+        model = personalize(get_algorithm(self.cfg.strategy).recipe, task, last_round=last_round)
         return evaluate(model, self.test_data.x, self.test_data.y, device=self.device)
 
     def state(self, keys: list[str] | None = None) -> ArrayRecord:
@@ -126,7 +126,7 @@ def _train(msg: Message, context: Context) -> Message:
     if fault == "raise":
         raise RuntimeError(f"{TEST_FAULT_ENV}: injected failure")
     task = job.task()
-    loss_before, acc_before = job.personalized_eval(task)
+    before = job.personalized_eval(task) if job.cfg.train.evaluate_before else None
     train_loss = RECIPES[get_algorithm(job.cfg.strategy).recipe](task)
     loss_after, acc_after = job.personalized_eval(task)
     context.state[PERSONAL] = job.state(job.personal_keys())
@@ -141,12 +141,12 @@ def _train(msg: Message, context: Context) -> Message:
             "num-examples": len(job.train_data),
             "partition-id": job.partition_id,
             "train_loss": train_loss,
-            "personalized_acc_before": acc_before,
-            "personalized_loss_before": loss_before,
             "personalized_acc_after": acc_after,
             "personalized_loss_after": loss_after,
         }
     )
+    if before is not None:
+        metrics["personalized_loss_before"], metrics["personalized_acc_before"] = before
     arrays = _corrupt(job.state(None if full else job.received), fault)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -189,7 +189,7 @@ def query_partition(msg: Message, context: Context) -> Message:
 def evaluate_personalized(msg: Message, context: Context) -> Message:
     """Personalized accuracy: global shared + own personal layers, on the local test split."""
     job = ClientJob.from_message(msg, context)
-    loss, acc = job.personalized_eval(job.task())
+    loss, acc = job.personalized_eval(job.task(), last_round=job.server_round == job.cfg.federation.rounds)
     metrics = MetricRecord(
         {
             "num-examples": len(job.test_data),

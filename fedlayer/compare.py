@@ -18,12 +18,13 @@ import numpy as np
 
 from fedlayer.config import ConfigError, load_config, parse_value
 
-SPEC = re.compile(r"^(?P<name>[a-z0-9_]+)(\[(?P<shared>[^\]]+)\])?$")
+SPEC = re.compile(r"^(?P<name>[a-z0-9_]+)(\[(?P<shared>[^\]]+)\])?(\{(?P<set>[^}]+)\})?$")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One compared strategy: ``fedper``, or ``partial[conv1+fc2]`` (personalization averaging of a group)."""
+    """One compared strategy: ``fedper``; ``partial[conv1+fc2]`` (personalization averaging of a group);
+    ``fedbn{model.norm='batch'}`` (with its own overrides, ``;``-separated)."""
 
     label: str
     overrides: tuple[str, ...]
@@ -32,11 +33,15 @@ class Variant:
     def parse(cls, spec: str) -> Variant:
         match = SPEC.match(spec.strip())
         if match is None:
-            raise ConfigError(f"--strategies: {spec!r} is not NAME or partial[PATTERN+PATTERN...]")
+            raise ConfigError(
+                f"--strategies: {spec!r} is not NAME, partial[PATTERN+PATTERN...] or NAME{{KEY=VALUE;...}}"
+            )
         overrides = [f"strategy.name='{match['name']}'"]
         if match["shared"]:
             patterns = [p.strip() for p in match["shared"].split("+")]
             overrides.append("strategy.shared=" + json.dumps(patterns))
+        if match["set"]:
+            overrides += [item.strip() for item in match["set"].split(";") if item.strip()]
         return cls(spec.strip(), tuple(overrides))
 
     @property
@@ -371,8 +376,8 @@ def _seeds(text: str) -> list[int]:
 
 
 def _split_specs(text: str) -> list[str]:
-    """Split on commas outside brackets (patterns inside partial[...] may not contain commas anyway)."""
-    return [s.strip() for s in re.split(r",(?![^\[]*\])", text)]
+    """Split on commas outside [...] and {...} (lists in a variant's overrides keep their commas)."""
+    return [s.strip() for s in re.split(r",(?![^\[]*\])(?![^{]*\})", text)]
 
 
 def cmd_report(args: argparse.Namespace) -> int:

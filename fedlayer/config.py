@@ -12,9 +12,12 @@ from typing import Any
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "quantity")
-MODELS = ("cnn", "mlp", "resnet18", "vgg11")
+MODELS = ("cnn", "pfllib_cnn", "mlp", "resnet18", "vgg11")
 NORMS = ("none", "batch", "group")
 DEVICES = ("auto", "cpu", "cuda")
+POOLS = ("train", "train+test")
+NORMALIZATIONS = ("dataset", "half")
+FINETUNES = ("head", "final")
 
 
 class ConfigError(ValueError):
@@ -28,11 +31,16 @@ class DataConfig:
     partitioner: str = "dirichlet"
     alpha: float = 0.3  # Dirichlet concentration (dirichlet) / size concentration (quantity)
     min_partition_size: int = 10
+    self_balancing: bool = False  # dirichlet: stop giving a class to clients above N/clients (PFLlib's rule)
     classes_per_client: int = 2  # pathological
     shards_per_client: int = 2  # shard
     test_fraction: float = 0.2  # of each client's partition, held out as its local test split
     max_samples: int = 0  # subsample the training set (seeded); 0 = all
     max_test_samples: int = 0  # subsample the global test set (seeded); 0 = all
+    # "train": partition the training set, the test set is the server's global test set;
+    # "train+test": pool both (PFLlib); the global test set is the union of the clients' local test splits
+    pool: str = "train"
+    normalize: str = "dataset"  # dataset: its per-channel mean/std; half: mean 0.5, std 0.5 (PFLlib)
 
 
 @dataclass
@@ -48,6 +56,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 32
+    drop_last: bool = False  # skip each epoch's last partial batch (PFLlib's loaders do)
+    evaluate_before: bool = True  # personalized evaluation before local training (personalized_acc_before)
     device: str = "auto"
 
 
@@ -70,7 +80,11 @@ class StrategyConfig:
     exclude: list[str] = field(default_factory=list)
     proximal_mu: float = 0.01  # fedprox
     head_epochs: int = 1  # fedrep
-    finetune_steps: int = 10  # fedbabu: head fine-tuning before personalized evaluation
+    finetune_steps: int = 10  # fedbabu (finetune = "head"): head steps before every personalized evaluation
+    # fedbabu: "head" = the above; "final" = PFLlib's protocol: no fine-tuning during rounds, the whole model
+    # fine-tuned for finetune_epochs after the last round (its evaluation is the last round's)
+    finetune: str = "head"
+    finetune_epochs: int = 10
     server_lr: float = 1.0  # fedavgm / fedadam
     server_momentum: float = 0.9  # fedavgm
     trim_beta: float = 0.2  # fedtrimmedavg
@@ -208,6 +222,8 @@ def validate(cfg: Config) -> None:
     _check("data.test_fraction", 0 < d.test_fraction < 1, d.test_fraction, "in (0, 1)")
     _check("data.max_samples", d.max_samples >= 0, d.max_samples, ">= 0 (0 = all)")
     _check("data.max_test_samples", d.max_test_samples >= 0, d.max_test_samples, ">= 0 (0 = all)")
+    _one_of("data.pool", d.pool, POOLS)
+    _one_of("data.normalize", d.normalize, NORMALIZATIONS)
     _one_of("model.name", m.name, MODELS)
     _one_of("model.norm", m.norm, NORMS)
     _check("train.epochs", t.epochs >= 1, t.epochs, ">= 1")
@@ -216,6 +232,10 @@ def validate(cfg: Config) -> None:
     _check("train.weight_decay", t.weight_decay >= 0, t.weight_decay, ">= 0")
     _check("train.batch_size", t.batch_size >= 1, t.batch_size, ">= 1")
     _one_of("train.device", t.device, DEVICES)
+    _one_of("strategy.finetune", cfg.strategy.finetune, FINETUNES)
+    s = cfg.strategy
+    _check("strategy.finetune_steps", s.finetune_steps >= 0, s.finetune_steps, ">= 0")
+    _check("strategy.finetune_epochs", s.finetune_epochs >= 0, s.finetune_epochs, ">= 0")
     _check("federation.clients", f.clients >= 1, f.clients, ">= 1")
     _check("federation.rounds", f.rounds >= 1, f.rounds, ">= 1")
     _check("federation.fraction_train", 0 < f.fraction_train <= 1, f.fraction_train, "in (0, 1]")

@@ -48,10 +48,25 @@ def _federated_data(key: str) -> FederatedData:
     import tomllib
 
     cfg = config_from_dict(tomllib.loads(key))
-    train, test = load_dataset(cfg.data.dataset, cfg.data.root)
-    train = train.subset(subsample(len(train), cfg.data.max_samples, cfg.seed))
-    test = test.subset(subsample(len(test), cfg.data.max_test_samples, cfg.seed))
-    splits = make_client_splits(train.y.numpy(), cfg.data, cfg.federation.clients, cfg.seed)
+    train, test = load_dataset(cfg.data.dataset, cfg.data.root, normalize=cfg.data.normalize)
+    return partitioned(train, test, cfg)
+
+
+def partitioned(train: TensorData, test: TensorData, cfg: Config) -> FederatedData:
+    """Sub-sample and partition ``train`` (pooled with ``test`` when ``data.pool = "train+test"``).
+
+    With pooled data the dataset's test set is client data, so the server's global test set is the union
+    of the clients' local test splits: it never overlaps what any client trains on.
+    """
+    d = cfg.data
+    pooled = d.pool == "train+test"
+    if pooled:
+        train = TensorData.concat([train, test])
+    train = train.subset(subsample(len(train), d.max_samples, cfg.seed))
+    splits = make_client_splits(train.y.numpy(), d, cfg.federation.clients, cfg.seed)
+    if pooled:
+        test = train.subset(np.sort(np.concatenate([s.test_idx for s in splits])))
+    test = test.subset(subsample(len(test), d.max_test_samples, cfg.seed))
     return FederatedData(train, test, splits)
 
 

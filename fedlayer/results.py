@@ -142,6 +142,11 @@ class RoundRecorder(RoundObserver):
         metrics = _reply_metrics(replies)
         self.row |= client_stats("personalized_acc", [m["personalized_acc"] for m in metrics])
         self.row |= client_stats("personalized_loss", [m["personalized_loss"] for m in metrics])
+        if metrics:
+            # Σ correct / Σ test samples, as PFLlib reports it (the mean above weighs clients equally)
+            sizes = np.array([m["num-examples"] for m in metrics])
+            accs = np.array([m["personalized_acc"] for m in metrics])
+            self.row["personalized_acc_pooled"] = float((accs * sizes).sum() / max(sizes.sum(), 1))
 
     def finish_round(self, server_round: int, global_loss: float, global_acc: float) -> dict[str, Any]:
         """Called by the server's evaluate_fn after each round (round 0: the initial model, not written)."""

@@ -29,10 +29,15 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
 
 
 def _batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None,
+    drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
-    for start in range(0, len(y), batch_size):
+    end = len(y) - len(y) % batch_size if drop_last else len(y)
+    for start in range(0, end, batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
 
@@ -84,7 +89,9 @@ def train_epochs(
     )
     model.train()
     total, steps = torch.zeros((), device=device), 0
-    batches = (b for _ in range(epochs) for b in _batches(x, y, settings.batch_size, generator))
+    batches = (
+        b for _ in range(epochs) for b in _batches(x, y, settings.batch_size, generator, settings.drop_last)
+    )
     for xb, yb in itertools.islice(batches, max_steps or None):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         with _autocast(device):

@@ -74,24 +74,37 @@ RECIPES: dict[str, Callable[[LocalTask], float]] = {
 }
 
 
-def personalize(recipe: str, task: LocalTask) -> nn.Module:
+def personalize(recipe: str, task: LocalTask, *, last_round: bool = False) -> nn.Module:
     """The model a client evaluates as its personalized model.
 
-    FedBABU fine-tunes the head for ``strategy.finetune_steps`` steps on local data first (on a copy,
-    so the frozen head stays the federated state); every other recipe evaluates the model as is.
+    FedBABU fine-tunes on local data first, on a copy so the frozen head stays the federated state:
+    ``strategy.finetune = "head"`` tunes the head for ``finetune_steps`` steps before every evaluation;
+    ``"final"`` (PFLlib's protocol) tunes the whole model for ``finetune_epochs`` epochs, only for the
+    evaluation after the last round. Every other recipe evaluates the model as is.
     """
-    if recipe != "fedbabu" or task.strategy.finetune_steps == 0:
+    strategy = task.strategy
+    if recipe != "fedbabu":
         return task.model
+    if strategy.finetune == "head" and strategy.finetune_steps > 0:
+        steps = strategy.finetune_steps
+        return _finetuned(task, epochs=steps, trainable=task.head, steps=steps)
+    if strategy.finetune == "final" and last_round and strategy.finetune_epochs > 0:
+        return _finetuned(task, epochs=strategy.finetune_epochs, trainable=None, steps=0)
+    return task.model
+
+
+def _finetuned(task: LocalTask, *, epochs: int, trainable: set[str] | None, steps: int) -> nn.Module:
+    """A copy of the task's model trained on its local data (``steps`` > 0 stops after that many steps)."""
     tuned = copy.deepcopy(task.model)
     train_epochs(
         tuned,
         task.x,
         task.y,
         task.train,
-        epochs=task.strategy.finetune_steps,  # enough epochs; max_steps stops it
+        epochs=epochs,
         device=task.device,
         generator=task.generator,
-        trainable=task.head,
-        max_steps=task.strategy.finetune_steps,
+        trainable=trainable,
+        max_steps=steps,
     )
     return tuned

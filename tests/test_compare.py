@@ -23,6 +23,16 @@ def test_strategy_specs() -> None:
         Variant.parse("fed avg")
 
 
+def test_a_variant_carries_its_own_overrides() -> None:
+    specs = _split_specs("fedavg,fedbn{model.norm='batch';strategy.exclude=['fc1','fc2']},local")
+    assert specs == ["fedavg", "fedbn{model.norm='batch';strategy.exclude=['fc1','fc2']}", "local"]
+    assert Variant.parse(specs[1]).overrides == (
+        "strategy.name='fedbn'",
+        "model.norm='batch'",
+        "strategy.exclude=['fc1','fc2']",
+    )
+
+
 @pytest.mark.slow
 def test_compare_two_strategies_two_seeds(
     tiny_fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

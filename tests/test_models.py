@@ -12,9 +12,9 @@ from torchvision.models.vgg import cfgs, make_layers
 from fedlayer.config import MODELS, NORMS, ConfigError
 from fedlayer.models import MODEL_CLASSES, NORM_TYPES, build_model, model_blocks, model_groups
 
-COMBOS = [("mlp", "none")] + [(m, n) for m in ("cnn", "resnet18", "vgg11") for n in NORMS]
+COMBOS = [("mlp", "none")] + [(m, n) for m in ("cnn", "pfllib_cnn", "resnet18", "vgg11") for n in NORMS]
 INPUTS = [(1, 28), (3, 32)]  # (channels, size): MNIST-like and CIFAR-like
-HEADS = {"cnn": ["fc2"], "mlp": ["fc3"], "resnet18": ["fc"], "vgg11": ["classifier.4"]}
+HEADS = {"cnn": ["fc2"], "pfllib_cnn": ["fc2"], "mlp": ["fc3"], "resnet18": ["fc"], "vgg11": ["classifier.4"]}
 combos = pytest.mark.parametrize(("name", "norm"), COMBOS, ids=[f"{m}-{n}" for m, n in COMBOS])
 inputs = pytest.mark.parametrize(("channels", "size"), INPUTS, ids=[f"{c}x{s}x{s}" for c, s in INPUTS])
 
@@ -67,6 +67,15 @@ def test_cnn_and_mlp_are_the_fedavg_models() -> None:
     assert list(model_blocks(mlp)) == ["fc1", "fc2", "fc3"]
     assert sum(p.numel() for p in cnn.parameters()) == 1_663_370
     assert sum(p.numel() for p in mlp.parameters()) == 199_210
+
+
+def test_pfllib_cnn_is_pfllibs_fedavgcnn() -> None:
+    """PFLlib's FedAvgCNN: unpadded 5x5 convs, fc 1024 -> 512 on 28x28x1: 582,026 parameters."""
+    m = model("pfllib_cnn", "none", 1, 28)
+    assert list(model_blocks(m)) == ["conv1", "conv2", "fc1", "fc2"]
+    assert sum(p.numel() for p in m.parameters()) == 582_026
+    assert (m.conv1.padding, m.fc1.in_features) == ((0, 0), 1024)
+    assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_resnet18_batch_norm_group_has_every_batchnorm_incl_downsample() -> None:
@@ -123,7 +132,11 @@ def test_construction_is_deterministic_under_the_seed(name: str, norm: str) -> N
 @pytest.mark.parametrize(
     ("name", "norm", "message"),
     [
-        ("resnet", "none", "model.name: 'resnet' is not allowed; choose one of: cnn, mlp, resnet18, vgg11"),
+        (
+            "resnet",
+            "none",
+            "model.name: 'resnet' is not allowed; choose one of: cnn, pfllib_cnn, mlp, resnet18, vgg11",
+        ),
         ("vgg11", "layer", "model.norm: 'layer' is not allowed for vgg11; choose one of: none, batch, group"),
         ("mlp", "batch", "model.norm: 'batch' is not allowed for mlp; choose one of: none"),
     ],

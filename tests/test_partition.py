@@ -156,3 +156,29 @@ def test_partition_report_has_the_counts_and_a_plot(tmp_path: Path) -> None:
         assert entry["test_class_counts"] == np.bincount(LABELS[split.test_idx], minlength=10).tolist()
     png = (tmp_path / "partition.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_pooled_data_partitions_train_and_test_and_tests_on_the_local_test_splits() -> None:
+    """PFLlib pools train and test; the global test set is then the clients' local test splits, no overlap."""
+    import torch
+
+    from fedlayer.config import Config
+    from fedlayer.data import TensorData
+    from fedlayer.experiment import partitioned
+
+    def data(n: int, offset: int) -> TensorData:  # x encodes the sample's identity
+        return TensorData(torch.arange(offset, offset + n).float().view(n, 1, 1, 1), torch.arange(n) % 10, 10)
+
+    cfg = Config()
+    cfg.data.pool, cfg.federation.clients = "train+test", 4
+    fed = partitioned(data(300, 0), data(100, 1000), cfg)
+    assert len(fed.train) == 400
+    trained = {int(v) for s in fed.splits for v in fed.train.x[s.train_idx].flatten()}
+    tested = {int(v) for v in fed.test.x.flatten()}
+    assert tested == {int(v) for s in fed.splits for v in fed.train.x[s.test_idx].flatten()}
+    assert not trained & tested and len(trained | tested) == 400
+    assert any(v >= 1000 for v in trained)  # the dataset's test images are client data now
+    cfg.data.pool = "train"
+    separate = partitioned(data(300, 0), data(100, 1000), cfg)
+    assert len(separate.train) == 300
+    assert {int(v) for v in separate.test.x.flatten()} == set(range(1000, 1100))

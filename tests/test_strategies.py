@@ -243,6 +243,17 @@ def test_fedbabu_trains_only_the_body_and_fine_tunes_a_copy_of_the_head() -> Non
     assert not changed(after_training, model)
 
 
+def test_fedbabu_final_protocol_tunes_the_whole_model_after_the_last_round_only() -> None:
+    """PFLlib's FedBABU: no fine-tuning during rounds; the whole model (on a copy) after the last round."""
+    model = cnn()
+    task = local_task(model, name="fedbabu", finetune="final", finetune_epochs=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert personalize("fedbabu", task, last_round=False) is model
+    tuned = personalize("fedbabu", task, last_round=True)
+    assert changed(before, tuned) == set(before)
+    assert not changed(before, model)
+
+
 def test_fedrep_trains_head_then_body() -> None:
     model = cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -267,3 +278,11 @@ def test_merge_into_rejects_nothing_and_keeps_order() -> None:
     merged = merge_into(full, part)
     assert list(merged.keys()) == list(full.keys())
     np.testing.assert_array_equal(merged["fc2.bias"].numpy(), np.ones(10, dtype=np.float32))
+
+
+def test_drop_last_skips_the_partial_batch() -> None:
+    from fedlayer.training import _batches
+
+    x, y = torch.zeros(25, 1), torch.zeros(25, dtype=torch.long)
+    assert [len(b) for b, _ in _batches(x, y, 10, None)] == [10, 10, 5]
+    assert [len(b) for b, _ in _batches(x, y, 10, None, drop_last=True)] == [10, 10]

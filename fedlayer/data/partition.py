@@ -122,7 +122,12 @@ def _partitioner(labels: np.ndarray, cfg: DataConfig, num_clients: int, seed: in
         return IidPartitioner(num_clients)
     if name == "dirichlet":
         return DirichletPartitioner(
-            num_clients, LABEL, cfg.alpha, cfg.min_partition_size, self_balancing=False, seed=seed
+            num_clients,
+            LABEL,
+            cfg.alpha,
+            cfg.min_partition_size,
+            self_balancing=cfg.self_balancing,
+            seed=seed,
         )
     if name == "pathological":
         # "deterministic" uses every class equally often (when clients x k >= classes), so client sizes

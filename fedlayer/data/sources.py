@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import os
@@ -42,6 +43,13 @@ class TensorData:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @staticmethod
+    def concat(parts: list[TensorData]) -> TensorData:
+        """The samples of ``parts`` one after the other (e.g. a training and a test set pooled)."""
+        return TensorData(
+            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes
+        )
 
     def subset(self, idx: np.ndarray | torch.Tensor) -> TensorData:
         """The samples at positions ``idx`` (a copy), in that order."""
@@ -187,7 +195,9 @@ def _explicit_root(name: str, spec: _Spec, root: Path, download: bool) -> Path:
     )
 
 
-def load_dataset(name: str, root: str = "", *, download: bool = True) -> tuple[TensorData, TensorData]:
+def load_dataset(
+    name: str, root: str = "", *, download: bool = True, normalize: str = "dataset"
+) -> tuple[TensorData, TensorData]:
     """Load the (train, test) sets of ``name`` as normalized tensors; cached per process.
 
     Parameters
@@ -198,6 +208,8 @@ def load_dataset(name: str, root: str = "", *, download: bool = True) -> tuple[T
         See :func:`find_data_root`.
     download : bool
         Whether a torchvision download may be attempted when no offline source has the data.
+    normalize : str
+        ``dataset``: the training set's per-channel mean/std; ``half``: mean 0.5, std 0.5 (PFLlib).
 
     Returns
     -------
@@ -205,12 +217,14 @@ def load_dataset(name: str, root: str = "", *, download: bool = True) -> tuple[T
         Training and test set. They are shared by later calls with the same source: do not modify in place.
     """
     path = find_data_root(name, root, download=download)
-    return _load(name, str(path.resolve()))
+    return _load(name, str(path.resolve()), normalize)
 
 
 @functools.lru_cache(maxsize=4)  # Ray actors call load_dataset every round
-def _load(name: str, root: str) -> tuple[TensorData, TensorData]:
+def _load(name: str, root: str, normalize: str) -> tuple[TensorData, TensorData]:
     spec = SPECS[name]
+    if normalize == "half":
+        spec = dataclasses.replace(spec, mean=(0.5,) * len(spec.mean), std=(0.5,) * len(spec.std))
     try:
         return _convert(spec, spec.cls(root, train=True)), _convert(spec, spec.cls(root, train=False))
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted" (e.g. a checksum mismatch)
