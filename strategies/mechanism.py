@@ -125,6 +125,10 @@ def reply_fault(
         value = arrays[key].numpy()
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return ("nan" if np.isnan(value).any() else "inf"), key
+    # A diverged client is visible in its metrics even when it sends no arrays (`local`, personal layers).
+    for name, number in metrics.items():
+        if isinstance(number, float) and not np.isfinite(number):
+            return ("nan" if np.isnan(number) else "inf"), f"metric {name}"
     return "", ""
 
 

@@ -320,17 +320,17 @@ def test_quadratic_loss_midpoint_barrier_is_minus_an_eighth_of_the_curvature(see
 def test_random_direction_preserves_every_tensor_norm(cnn: tuple) -> None:
     model, a, b = cnn
     params = {name for name, _ in model.named_parameters()}
-    target = random_direction(a, b, params, seed=5)
-    assert all(target[k] is b[k] for k in a if k not in params)
-    for key in params:
-        assert (target[key] - a[key]).norm() == pytest.approx((b[key] - a[key]).norm().item(), rel=1e-5)
-        cosine = F.cosine_similarity((target[key] - a[key]).flatten(), (b[key] - a[key]).flatten(), dim=0)
+    directions = random_direction(a, b, params, seed=5)
+    assert set(directions) == {k for k in params if a[k].numel() > 0}
+    for key, r in directions.items():
+        assert r.norm() == pytest.approx((b[key] - a[key]).norm().item(), rel=1e-5)
+        cosine = F.cosine_similarity(r.flatten(), (b[key] - a[key]).flatten(), dim=0)
         assert abs(cosine) < 0.9
     again = random_direction(a, b, params, seed=5)
-    assert all(torch.equal(again[k], target[k]) for k in a)
+    assert all(torch.equal(again[k], directions[k]) for k in directions)
     for block, keys in blocks_from_modules(model).items():
-        norm = sum((target[k] - a[k]).pow(2).sum() for k in keys if k in params) ** 0.5
-        real = sum((b[k] - a[k]).pow(2).sum() for k in keys if k in params) ** 0.5
+        norm = sum(directions[k].pow(2).sum() for k in keys if k in directions) ** 0.5
+        real = sum((b[k] - a[k]).pow(2).sum() for k in keys if k in directions) ** 0.5
         assert float(norm) == pytest.approx(float(real), rel=1e-5), block
 
 
@@ -346,14 +346,35 @@ def test_random_control_rows(cnn: tuple, cnn_data: EvalData) -> None:
     for row in rows:
         same = real[row.base, row.block, row.alpha]
         assert row.barrier - same.barrier == pytest.approx(row.loss - same.loss, abs=1e-12)
+        # Each base's path is anchored at its own endpoint: a -> a + r, b - r -> b.
         if (row.base, row.alpha) == ("a", 0.0):
             assert row.loss == ends.loss_a
-        if (row.base, row.alpha) == ("b", 1.0):  # B with block l from θ_A + r, not θ_B
-            assert row.loss != ends.loss_b
+        if (row.base, row.alpha) == ("b", 1.0):
+            assert row.loss == ends.loss_b
+        if (row.base, row.alpha) in {("a", 1.0), ("b", 0.0)}:
+            assert row.loss not in (ends.loss_a, ends.loss_b)
     combined = [
         row for row in barrier_analysis(evaluator, a, b, blocks, alphas=GRID, random_control=True, seed=1)
     ]
     assert [row for row in combined if row.kind == "random"] == rows
+
+
+def test_random_control_is_equal_norm_on_both_bases(cnn: tuple, cnn_data: EvalData) -> None:
+    """At α = ½ the random point is its base endpoint with block l moved by r/2: θ_A + r/2 on base a,
+    θ_B − r/2 on base b (‖r‖ = ‖Δ_l‖), so both bases are as far from their endpoint as the real midpoint."""
+    model, a, b = cnn
+    evaluator = exact(model, cnn_data)
+    blocks = blocks_from_modules(model)
+    directions = random_direction(a, b, evaluator.parameter_keys, seed=1)
+    rows = random_direction_control(evaluator, a, b, blocks, seed=1)
+    for base, anchor, sign in (("a", a, 0.5), ("b", b, -0.5)):
+        row = next(r for r in rows if r.base == base and r.block == "conv2")
+        point = {k: v + sign * directions[k] if k.startswith("conv2.") else v for k, v in anchor.items()}
+        ((loss, _),) = evaluator.evaluate_many([point])
+        assert row.loss == pytest.approx(loss, abs=1e-6), base
+        moved = sum((point[k] - anchor[k]).pow(2).sum() for k in blocks["conv2"]) ** 0.5
+        half = sum((b[k] - a[k]).pow(2).sum() for k in blocks["conv2"]) ** 0.5 / 2
+        assert float(moved) == pytest.approx(float(half), rel=1e-5)
 
 
 def test_bn_reset_re_estimates_running_stats_on_the_data(cnn: tuple, cnn_data: EvalData) -> None:

@@ -99,6 +99,20 @@ def test_faulty_update_is_excluded_and_aggregate_equals_aggregation_without_it(k
     assert [(f.partition_id, f.reason) for f in observer.seen] == [(1, kind)]
 
 
+@pytest.mark.parametrize(("loss", "reason"), [(float("nan"), "nan"), (float("inf"), "inf")])
+def test_a_diverged_client_is_flagged_even_when_it_sends_no_arrays(loss: float, reason: str) -> None:
+    """Under `local` nothing is shared: a NaN training loss in the metrics is still a fault of that round."""
+    content = RecordDict(
+        {"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 10, "train_loss": loss})}
+    )
+    diverged = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+    observer = Faults()
+    local = PartialStrategy(FedAvg(min_train_nodes=1), [], observers=[observer])
+    local.global_arrays = ArrayRecord(model_state())
+    local.aggregate_train(1, [reply({}, 0), diverged])
+    assert [(f.reason, f.detail) for f in observer.seen] == [(reason, "metric train_loss")]
+
+
 def test_server_optimizer_state_is_not_touched_by_a_nan_update() -> None:
     """FedAdam's moments would turn NaN for good; with screening they equal a run without the client."""
     updates = client_updates(3)

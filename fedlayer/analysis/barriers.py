@@ -102,19 +102,26 @@ def cumulative_order(names: Sequence[str], order: str, seed: int = 0) -> list[st
 
 
 def random_direction(sd_a: State, sd_b: State, keys: Iterable[str], seed: int = 0) -> dict[str, Tensor]:
-    """``sd_b`` with every floating tensor in ``keys`` replaced by θ_A + r, r a Gaussian direction with the
-    Frobenius norm of that tensor's θ_B − θ_A; so each block's (and each tensor's) norm is preserved.
+    """A Gaussian direction r per floating tensor in ``keys``, with the Frobenius norm of that tensor's
+    θ_B − θ_A, so each block's (and each tensor's) displacement norm is preserved.
 
     The directions are drawn on the CPU from ``seed`` in state-dict order (the same on every device).
     """
     generator = torch.Generator().manual_seed(seed)
     selected = set(keys)
-    target = dict(sd_b)
+    directions: dict[str, Tensor] = {}
     for key, a in sd_a.items():
         if key in selected and a.is_floating_point() and a.numel() > 0:
             direction = torch.randn(a.shape, generator=generator).to(a.device, a.dtype)
-            target[key] = a + direction * ((sd_b[key] - a).norm() / direction.norm())
-    return target
+            directions[key] = direction * ((sd_b[key] - a).norm() / direction.norm())
+    return directions
+
+
+def _shifted(state: State, directions: Mapping[str, Tensor], sign: float) -> dict[str, Tensor]:
+    """``state`` with ``sign`` · r added to every tensor that has a direction r (others shared)."""
+    return {
+        key: value + sign * directions[key] if key in directions else value for key, value in state.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -224,9 +231,10 @@ def _path_rows(
 class _PathRun:
     """Queues the evaluations of paths from ``a`` to ``target`` and reads them back with one host sync.
 
-    ``target`` is ``b``, or the random-direction model for the control. Path points that are exactly an
-    endpoint model (α = 0 on base a, α = 1 on base b when the target is b, α ∈ {0, 1} when S holds every
-    block) reuse that endpoint's evaluation.
+    ``target`` is ``b``, or the random-direction model for the control (whose paths may also start
+    elsewhere than θ_A: ``a`` is then the path's start and ``ends`` the real endpoints). Path points that
+    are exactly an endpoint model (α = 0 on base a, α = 1 on base b when the target is b, α ∈ {0, 1} when
+    S holds every block) reuse that endpoint's evaluation.
     """
 
     def __init__(self, evaluator: Evaluator, a: State, b: State, target: State, ends: Endpoints | None):
@@ -416,16 +424,41 @@ def random_direction_control(
 ) -> list[BarrierRow]:
     """Layer-wise barriers along random directions (``kind="random"``).
 
-    For every block, θ_B^l − θ_A^l is replaced by a Gaussian direction of the same norm (per parameter
-    tensor, see :func:`random_direction`); buffers (BatchNorm statistics) keep their real values, since a
-    random running variance can be negative. ``barrier`` stays normalized by the *real* endpoints θ_A and
-    θ_B, so a random row and the layer row of the same block and base differ exactly by the losses on
-    the two paths. Other parameters as in :func:`layer_barriers`.
+    For every block, θ_B^l − θ_A^l is replaced by a Gaussian direction r of the same norm (per parameter
+    tensor, see :func:`random_direction`), anchored at the base's own endpoint so both bases are equal-norm
+    controls: base a moves block l from θ_A^l to θ_A^l + r (other blocks at θ_A), base b from θ_B^l − r to
+    θ_B^l (other blocks at θ_B) — at α = ½ both are ‖Δ_l‖/2 from their base, like the real midpoint.
+    Buffers (BatchNorm statistics) keep their real values, since a random running variance can be
+    negative. ``barrier`` stays normalized by the *real* endpoints θ_A and θ_B, so a random row and the
+    layer row of the same block and base differ exactly by the losses on the two paths. Other parameters
+    as in :func:`layer_barriers`.
     """
     a, b = _prepare(evaluator, sd_a, sd_b, blocks)
-    target = random_direction(a, b, evaluator.parameter_keys, seed)
-    paths = _layer_paths(blocks, bases, "random")
-    return _PathRun(evaluator, a, b, target, endpoints).rows(paths, _alphas(alphas))
+    ends = endpoints if endpoints is not None else evaluate_endpoints(evaluator, a, b)
+    return _random_rows(evaluator, a, b, blocks, bases, _alphas(alphas), ends, seed)
+
+
+def _random_rows(
+    evaluator: Evaluator,
+    a: State,
+    b: State,
+    blocks: Blocks,
+    bases: Sequence[str],
+    alphas: Sequence[float],
+    ends: Endpoints,
+    seed: int,
+) -> list[BarrierRow]:
+    directions = random_direction(a, b, evaluator.parameter_keys, seed)
+    rows: list[BarrierRow] = []
+    for base in _bases(bases):
+        # Base a: a -> a + r. Base b: b - r -> b (the run's "a" is then only the path's start).
+        source, target = (
+            (a, _shifted(a, directions, 1.0)) if base == "a" else (_shifted(b, directions, -1.0), b)
+        )
+        # Not "full" even for a one-block model: the path may start at b - r, not at the endpoint θ_A.
+        paths = [dataclasses.replace(path, full=False) for path in _layer_paths(blocks, [base], "random")]
+        rows += _PathRun(evaluator, source, b, target, ends).rows(paths, alphas)
+    return rows
 
 
 def barrier_analysis(
@@ -452,10 +485,7 @@ def barrier_analysis(
         ends = Endpoints(
             first.endpoint_loss_a, first.endpoint_loss_b, first.endpoint_error_a, first.endpoint_error_b
         )
-        target = random_direction(a, b, evaluator.parameter_keys, seed)
-        rows += _PathRun(evaluator, a, b, target, ends).rows(
-            _layer_paths(blocks, bases, "random"), _alphas(alphas)
-        )
+        rows += _random_rows(evaluator, a, b, blocks, bases, _alphas(alphas), ends, seed)
     return rows
 
 
