@@ -130,16 +130,13 @@ def _final_line(row: dict[str, Any]) -> str:
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
-    from fedlayer.data import write_partition_report
     from fedlayer.experiment import federated_data
     from fedlayer.results import RunDir
 
     cfg = load_config(args.config, args.overrides)
     data = federated_data(cfg)
     run = RunDir.create(args.out, overwrite=True)
-    write_partition_report(
-        run.path, data.splits, data.train.y.numpy(), data.train.num_classes, partitioner=cfg.data.partitioner
-    )
+    data.write_partition_report(run.path, cfg.data.partitioner)
     for split in data.splits:
         print(f"client {split.partition_id}: {len(split.train_idx)} train / {len(split.test_idx)} test")
     print(f"written: {run.file('partition.json')}, {run.file('partition.png')}")

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedlayer.config import Config, config_from_dict, to_toml
-from fedlayer.data import ClientSplit, TensorData, load_dataset, make_client_splits, subsample
+from fedlayer.data import (
+    ClientSplit,
+    TensorData,
+    load_dataset,
+    make_client_splits,
+    subsample,
+    write_partition_report,
+)
 from fedlayer.models import build_model
 
 
@@ -24,6 +32,17 @@ class FederatedData:
         """A client's local train and local test data."""
         split = self.splits[partition_id]
         return self.train.subset(split.train_idx), self.train.subset(split.test_idx)
+
+    def write_partition_report(self, run_dir: Path, partitioner: str) -> None:
+        """``partition.json`` / ``partition.png`` of these splits, classes named as the dataset names them."""
+        write_partition_report(
+            run_dir,
+            self.splits,
+            self.train.y.numpy(),
+            self.train.num_classes,
+            partitioner=partitioner,
+            class_names=self.train.classes,
+        )
 
 
 def federated_data(cfg: Config) -> FederatedData:

@@ -1,4 +1,4 @@
-"""Run directory: metrics.jsonl, partition/layer reports, model files and plots."""
+"""Run directory: writes metrics.jsonl, model files and JSON reports (reading, plots: readers, report)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedlayer.config import ConfigError
+from fedlayer.readers import METRICS, read_jsonl
 from strategies.mechanism import ClientFault, RoundObserver
-
-METRICS = "metrics.jsonl"
 
 
 class RunDir:
@@ -50,10 +49,7 @@ class RunDir:
             fh.write(json.dumps(row, default=_jsonable) + "\n")
 
     def read_jsonl(self, name: str = METRICS) -> list[dict[str, Any]]:
-        path = self.file(name)
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.file(name))
 
     def _atomic_write(self, name: str, text: str) -> None:
         tmp = self.file(name + ".tmp")
@@ -166,35 +162,6 @@ def save_arrays(run: RunDir, name: str, arrays: ArrayRecord) -> None:
     tmp = run.file(name + ".tmp")
     torch.save(arrays.to_torch_state_dict(), tmp)
     os.replace(tmp, run.file(name))
-
-
-def plot_accuracy(run: RunDir) -> Path | None:
-    """accuracy.png: global and personalized accuracy (mean, worst 10%) over rounds."""
-    rows = run.read_jsonl()
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rounds = [r["round"] for r in rows]
-    for key, label in (
-        ("global_acc", "global model (server test set)"),
-        ("personalized_acc", "personalized, mean over clients"),
-        ("personalized_acc_worst10", "personalized, worst 10% clients"),
-    ):
-        if all(key in r for r in rows):
-            ax.plot(rounds, [r[key] for r in rows], marker="o", label=label)
-    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title=run.path.name)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    out = run.file("accuracy.png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 class TensorBoardLog:

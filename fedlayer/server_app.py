@@ -14,10 +14,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedlayer.analysis.hook import GLOBAL, AnalysisHook, check_resources, is_analysis_round
 from fedlayer.checkpoint import CLIENT_STATE, checkpointing, load_checkpoint, restore
 from fedlayer.config import Config, load_config, to_toml
-from fedlayer.data import write_partition_report
 from fedlayer.experiment import FederatedData, federated_data, initial_model
 from fedlayer.layers import Resolution, resolve
-from fedlayer.results import RoundCallback, RoundRecorder, RunDir, plot_accuracy, save_arrays
+from fedlayer.report import plot_accuracy
+from fedlayer.results import RoundCallback, RoundRecorder, RunDir, save_arrays
 from fedlayer.training import evaluate, resolve_device
 from strategies import PartialStrategy, RoundObserver, aggregator_name, get_algorithm, make_aggregator
 
@@ -113,9 +113,7 @@ def run_server(
     started = time.perf_counter()
     run.write_text("config.resolved.toml", to_toml(cfg))
     data = federated_data(cfg)
-    write_partition_report(
-        run.path, data.splits, data.train.y.numpy(), data.train.num_classes, partitioner=cfg.data.partitioner
-    )
+    data.write_partition_report(run.path, cfg.data.partitioner)
     model = initial_model(cfg, data.test)
     layers = shared_layers(cfg, model)
     run.write_json("layers.json", layers.to_json())
@@ -155,7 +153,7 @@ def run_server(
     save_arrays(run, "model.pt", result.arrays)
     if hook is not None:
         hook.finish()
-    plot_accuracy(run)
+    plot_accuracy(run.path)
     run.write_json(
         "summary.json",
         {"status": "finished", "seconds": time.perf_counter() - started, "rounds": cfg.federation.rounds},

@@ -64,6 +64,12 @@ def test_compare_two_strategies_two_seeds(
     assert [r["strategy"] for r in rows] == ["fedavg", "fedper"]
     assert all(r["seeds"] == "2" and float(r["final_personalized_acc_std"]) >= 0 for r in rows)
     assert all(r["final_full_barrier"] not in ("", "nan") for r in rows)
+    for row in rows:  # issue 13's columns, from metrics.jsonl and summary.json of real runs
+        assert (
+            0 < float(row["final_personalized_acc_pooled"]) <= float(row["best_personalized_acc_pooled"]) <= 1
+        )
+        assert float(row["best_round"]) in (1.0, 1.5, 2.0) and float(row["minutes_per_run"]) > 0
+    assert "final pooled (%)" in (out / "table.md").read_text()
     runs = out / "runs"
     for seed in (0, 1):
         assert (runs / f"fedavg-seed{seed}" / "partition.json").read_text() == (

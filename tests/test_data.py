@@ -96,6 +96,7 @@ def test_idx_files_load_through_torchvision(tmp_path: Path, name: str, folder: s
         expected = (torch.from_numpy(images).float().div(255) - mean) / std
         assert torch.allclose(data.x[:, 0], expected, atol=1e-5)
         assert data.num_classes == 10 and len(data) == SIZES[split]
+        assert data.classes == tuple(sources.SPECS[name].cls.classes)  # "T-shirt/top", ... / "0 - zero", ...
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -108,6 +109,7 @@ def test_cifar_pickles_load_channels_first(
     labels = np.concatenate([written[f] for f, _ in spec.cls.train_list])
     assert train.x.shape == (len(labels), 3, 32, 32) and test.x.shape == (7, 3, 32, 32)
     assert train.y.tolist() == labels.tolist() and train.num_classes == (10 if name == "cifar10" else 100)
+    assert train.classes == tuple(str(i) for i in range(10))  # the names in the meta file
     for channel, base in enumerate((200, 100, 0)):
         expected = ((base + train.y.float()) / 255 - spec.mean[channel]) / spec.std[channel]
         assert torch.allclose(train.x[:, channel].amax(dim=(1, 2)), expected, atol=1e-5)
@@ -131,11 +133,14 @@ def test_loaded_tensors_are_cached_in_process(tmp_path: Path) -> None:
 
 
 def test_subset_takes_samples_in_order() -> None:
-    data = TensorData(torch.arange(5.0).view(5, 1, 1, 1), torch.arange(5), num_classes=7)
+    names = tuple("abcdefg")
+    data = TensorData(torch.arange(5.0).view(5, 1, 1, 1), torch.arange(5), num_classes=7, classes=names)
     for idx in (np.array([3, 1]), torch.tensor([3, 1]), np.array([3, 1], dtype=np.int32)):
         sub = data.subset(idx)
         assert sub.y.tolist() == [3, 1] and sub.x.flatten().tolist() == [3.0, 1.0] and sub.num_classes == 7
+        assert sub.classes == names
     assert len(data.subset(np.array([], dtype=np.int64))) == 0
+    assert TensorData.concat([data, data]).classes == names  # pooled train + test keep the names
 
 
 def test_env_root_is_used_when_no_root_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,9 +145,11 @@ def test_subsample_is_seeded_sorted_and_zero_keeps_all() -> None:
 
 def test_partition_report_has_the_counts_and_a_plot(tmp_path: Path) -> None:
     splits = splits_for("dirichlet", alpha=0.3)
-    write_partition_report(tmp_path, splits, LABELS, 10, partitioner="dirichlet")
+    names = [f"class {c}" for c in range(10)]
+    write_partition_report(tmp_path, splits, LABELS, 10, partitioner="dirichlet", class_names=names)
     report = json.loads((tmp_path / "partition.json").read_text())
     assert (report["num_clients"], report["partitioner"], report["num_classes"]) == (CLIENTS, "dirichlet", 10)
+    assert report["class_names"] == names
     for entry, split in zip(report["clients"], splits, strict=True):
         part = np.concatenate([split.train_idx, split.test_idx])
         assert entry["partition_id"] == split.partition_id

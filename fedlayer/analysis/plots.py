@@ -1,136 +1,234 @@
-"""Plots of the barrier analysis, from barriers.csv / landscape.csv of a run directory."""
+"""Figures of the barrier analysis, from a run's ``barriers.csv`` / ``landscape.csv``.
+
+Every ``*_figure`` function returns a matplotlib ``Figure`` (no pyplot state) that says on itself what it
+shows: which pairs, how they are aggregated, and what the sign of a barrier means.
+"""
 
 from __future__ import annotations
 
-import csv
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-MIDPOINT = 0.5
+from fedlayer.analysis.hook import GLOBAL
+from fedlayer.readers import midpoint, read_barriers, read_landscape
 
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _midpoint(rows: Iterable[dict[str, str]], kind: str) -> list[dict[str, str]]:
-    return [r for r in rows if r["kind"] == kind and abs(float(r["alpha"]) - MIDPOINT) < 1e-9]
+BARRIER = "L(midpoint) − ½[L(A) + L(B)]"
+SIGN = "> 0: worse than the two models, < 0: better"
+ALL_BLOCKS = "*"  # landscape.csv's block of the all-blocks (full model) row
+MAX_LEGEND_ROUNDS = 8  # more analysed rounds than this get a colour bar instead of a legend entry each
+MAX_ANNOTATED_CELLS = 160
 
 
-def _mean_by(rows: Iterable[dict[str, str]], *keys: str) -> dict[tuple[str, ...], float]:
-    groups: dict[tuple[str, ...], list[float]] = defaultdict(list)
-    for row in rows:
-        groups[tuple(row[k] for k in keys)].append(float(row["barrier"]))
-    return {key: float(np.mean(values)) for key, values in groups.items()}
+def round_axis(ax: Axes) -> None:
+    """An x axis of rounds: integer ticks only (rounds 1.5, 2.5 do not exist)."""
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def layer_grid(rows: list[dict[str, str]]) -> tuple[list[str], list[int], np.ndarray] | None:
-    """Blocks, rounds and the block x round matrix of midpoint layer-wise barriers (mean over pairs)."""
-    means = _mean_by(_midpoint(rows, "layer"), "block", "round")
-    if not means:
+def describe_pairs(rows: pd.DataFrame) -> str:
+    """'1 client–client pair', '3 client–client pairs + 3 client–global pairs': the most in any analysed
+    round (of any run, when ``rows`` has a ``run`` column)."""
+    keys = [column for column in ("run", "round") if column in rows]
+    pairs = rows[[*keys, "client_a", "client_b"]].drop_duplicates()
+    kind = np.where(pairs["client_b"] == GLOBAL, "client–global", "client–client")
+    counts = pairs.groupby([kind, *(pairs[k] for k in keys)]).size().groupby(level=0).max()
+    return " + ".join(f"{n} {name} pair{'s' * (n > 1)}" for name, n in counts.items())
+
+
+def describe_bases(rows: pd.DataFrame) -> str:
+    bases = sorted(set(rows["base"]))
+    return "both bases (a, b)" if bases == ["a", "b"] else f"base {', '.join(bases)}"
+
+
+def layer_grid(barriers: pd.DataFrame) -> pd.DataFrame:
+    """Block x round matrix of the midpoint layer-wise barrier, the mean over every pair and base in
+    ``barriers`` (and every run, when it holds several); blocks in model order (empty without layer rows)."""
+    mid = midpoint(barriers, "layer")
+    if mid.empty:
+        return pd.DataFrame()
+    grid = mid.pivot_table(index="block", columns="round", values="barrier", aggfunc="mean")
+    return grid.reindex(mid["block"].unique())
+
+
+def heatmap_figure(grids: Mapping[str, pd.DataFrame], aggregated: str) -> Figure:
+    """Layer x round heatmaps side by side (one per label) on one diverging colour scale centred at 0.
+
+    ``aggregated`` says over what each cell is a mean, e.g. "mean over 1 client–client pair and both bases".
+    """
+    blocks = max(len(grid) for grid in grids.values())
+    width = sum(max(2.4, 1.2 + 0.5 * grid.shape[1]) for grid in grids.values()) + 2.5
+    fig = Figure(figsize=(width, 2.2 + 0.32 * blocks), layout="constrained")
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    vmax = max(float(np.nanmax(np.abs(grid.to_numpy()))) for grid in grids.values()) or 1.0
+    for ax, (label, grid) in zip(axes, grids.items(), strict=True):
+        image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="coolwarm", vmin=-vmax, vmax=vmax)
+        ax.set_xticks(range(grid.shape[1]), [str(r) for r in grid.columns])
+        ax.set_yticks(range(len(grid)), grid.index if ax is axes[0] else [""] * len(grid))
+        ax.set(xlabel="round", title=label)
+        if grid.size <= MAX_ANNOTATED_CELLS:
+            for (i, j), value in np.ndenumerate(grid.to_numpy()):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=list(axes), label=f"{BARRIER}\n{SIGN}")
+    fig.suptitle(f"Layer-wise loss barrier at α = ½ (one layer interpolated)\n{aggregated}", fontsize=10)
+    return fig
+
+
+def run_heatmap_figure(barriers: pd.DataFrame, title: str = "") -> Figure | None:
+    """The heatmap of one run: each cell the mean over the round's pairs and both bases."""
+    grid = layer_grid(barriers)
+    if grid.empty:
         return None
-    blocks = list(dict.fromkeys(block for block, _ in means))
-    rounds = sorted({int(r) for _, r in means})
-    return blocks, rounds, np.array([[means.get((b, str(r)), np.nan) for r in rounds] for b in blocks])
+    mid = midpoint(barriers, "layer")
+    return heatmap_figure({title: grid}, f"mean over {describe_pairs(mid)} and {describe_bases(mid)}")
 
 
-def layer_heatmap(rows: list[dict[str, str]], out: Path) -> Path | None:
-    """Layer x round heatmap of the midpoint layer-wise barrier (mean over pairs and bases)."""
-    found = layer_grid(rows)
-    if found is None:
+def full_figure(barriers: pd.DataFrame) -> Figure | None:
+    """Full-model midpoint barrier over rounds (mean, range over pairs) beside the largest layer-wise one."""
+    full = midpoint(barriers, "full")
+    if full.empty:
         return None
-    blocks, rounds, grid = found
-    fig = Figure(figsize=(max(5.0, 2.5 + 0.35 * len(rounds)), 1.5 + 0.28 * len(blocks)))
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set(
-        xticks=range(len(rounds)),
-        xticklabels=rounds,
-        yticks=range(len(blocks)),
-        yticklabels=blocks,
-        xlabel="round",
-        title="layer-wise barrier (midpoint)",
-    )
-    fig.colorbar(image, ax=ax, label="loss barrier")
-    return _save(fig, out)
-
-
-def full_curve(rows: list[dict[str, str]], out: Path) -> Path | None:
-    """Full-model midpoint barrier over rounds, next to the largest layer-wise barrier."""
-    full = _mean_by(_midpoint(rows, "full"), "round")
-    if not full:
-        return None
-    layer = _mean_by(_midpoint(rows, "layer"), "round", "block")
-    fig = Figure(figsize=(5.5, 3.6))
-    ax = fig.subplots()
-    rounds = sorted(int(r) for (r,) in full)
-    ax.plot(rounds, [full[(str(r),)] for r in rounds], marker="o", label="full model")
-    if layer:
-        worst = [max(v for (rr, _), v in layer.items() if rr == str(r)) for r in rounds]
-        ax.plot(rounds, worst, marker="s", label="max single layer")
+    per_round = full.groupby("round")["barrier"].agg(["mean", "min", "max"])
+    ax.plot(per_round.index, per_round["mean"], marker="o", label="full model (mean over pairs)")
+    if (per_round["min"] < per_round["max"]).any():
+        ax.fill_between(
+            per_round.index, per_round["min"], per_round["max"], alpha=0.2, label="min–max over pairs"
+        )
+    layer = midpoint(barriers, "layer")
+    if not layer.empty:
+        worst = layer.groupby(["round", "block"])["barrier"].mean().groupby(level="round").max()
+        ax.plot(
+            worst.index, worst.to_numpy(), marker="s", label="largest single layer (mean over pairs, bases)"
+        )
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="round", ylabel="loss barrier", title="full vs layer-wise barrier")
-    ax.legend()
-    return _save(fig, out)
+    round_axis(ax)
+    ax.set(
+        ylabel=f"loss barrier {BARRIER}", title=f"Full vs layer-wise barrier at α = ½, {describe_pairs(full)}"
+    )
+    ax.legend(fontsize=8)
+    return fig
 
 
-def cumulative_curves(rows: list[dict[str, str]], out: Path) -> Path | None:
-    """Cumulative barrier against the number of interpolated blocks k, per order (last analysed round)."""
-    cumulative = _midpoint(rows, "cumulative")
-    if not cumulative:
+def _round_colours(fig: Figure, axes: Sequence[Axes], rounds: Sequence[int]) -> dict[int, tuple[float, ...]]:
+    """One colour per analysed round; a colour bar names them when a legend would be too long."""
+    norm = Normalize(min(rounds), max(rounds) if len(rounds) > 1 else min(rounds) + 1)
+    cmap = colormaps["viridis"]
+    if len(rounds) > MAX_LEGEND_ROUNDS:
+        bar = fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes), label="round")
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return {r: cmap(norm(r)) for r in rounds}
+
+
+def _cumulative_panel(ax: Axes, rows: pd.DataFrame, colours: Mapping[int, tuple[float, ...]]) -> bool:
+    """One order's lines, one per round. When the block added at k is the same in every round (all orders
+    but ``random``) the x ticks name it; otherwise each round's legend entry lists its sequence."""
+    sequences = rows.groupby(["round", "k"])["block"].first().unstack("k")
+    same = bool((sequences.nunique() == 1).all())
+    curves = rows.groupby(["round", "k"])["barrier"].mean().unstack("k")
+    for r, curve in curves.iterrows():
+        label = f"round {r}" if same else f"round {r}: {', '.join(sequences.loc[r])}"
+        ax.plot(curve.index, curve.to_numpy(), marker=".", color=colours[r], label=label)
+    ks = list(sequences.columns)
+    labels = [f"{k}\n{sequences[k].iloc[0]}" if same else str(k) for k in ks]
+    ax.set_xticks(ks, labels, rotation=90 if same and len(ks) > 8 else 0, fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    xlabel = "k: blocks interpolated, block added at k" if same else "k: blocks interpolated"
+    ax.set(title=f"order: {rows['order'].iloc[0]}", xlabel=xlabel)
+    return same
+
+
+def cumulative_figure(barriers: pd.DataFrame) -> Figure | None:
+    """Cumulative barrier against k, one panel per order, one line per analysed round (mean over pairs
+    and bases); the x ticks (or, for a per-round random order, the legend) name the block added at each k."""
+    cumulative = midpoint(barriers, "cumulative")
+    if cumulative.empty:
         return None
-    last = str(max(int(r["round"]) for r in cumulative))
-    means = _mean_by([r for r in cumulative if r["round"] == last], "order", "k")
-    fig = Figure(figsize=(5.5, 3.6))
-    ax = fig.subplots()
-    for order in dict.fromkeys(o for o, _ in means):
-        ks = sorted(int(k) for o, k in means if o == order)
-        ax.plot(ks, [means[(order, str(k))] for k in ks], marker=".", label=order)
-    ax.set(xlabel="k (blocks interpolated)", ylabel="loss barrier", title=f"cumulative barrier, round {last}")
-    ax.legend()
-    return _save(fig, out)
+    orders = list(cumulative["order"].unique())
+    rounds = sorted(cumulative["round"].unique())
+    k_max = int(cumulative["k"].max())
+    fig = Figure(figsize=(min(4.0 + 0.25 * k_max, 9.0) * len(orders) / 1.6 + 1.5, 4.6), layout="constrained")
+    axes = fig.subplots(1, len(orders), squeeze=False, sharey=True)[0]
+    colours = _round_colours(fig, axes, rounds)
+    panels = {
+        ax: _cumulative_panel(ax, cumulative[cumulative["order"] == o], colours)
+        for ax, o in zip(axes, orders, strict=True)
+    }
+    axes[0].set_ylabel(f"loss barrier {BARRIER}")
+    if len(rounds) <= MAX_LEGEND_ROUNDS:
+        # one legend of the rounds, plus one in each panel whose entries carry a per-round block sequence
+        fixed = [ax for ax, same in panels.items() if same]
+        for ax in [ax for ax, same in panels.items() if not same] + fixed[-1:]:
+            ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Cumulative barrier: the first k blocks of each order interpolated at α = ½\n"
+        f"mean over {describe_pairs(cumulative)} and {describe_bases(cumulative)}; "
+        "k = all blocks is the full barrier",
+        fontsize=10,
+    )
+    return fig
 
 
-def predicted_vs_measured(rows: list[dict[str, str]], out: Path) -> Path | None:
-    """Second-order prediction of the midpoint barrier (-1/8 curvature) against the measured one."""
-    points = [
-        (float(r["predicted_barrier"]), float(r["measured_barrier"]))
-        for r in rows
-        if r.get("predicted_barrier") not in (None, "") and r.get("measured_barrier") not in (None, "")
-    ]
-    if not points:
+def predicted_figure(landscape: pd.DataFrame) -> Figure | None:
+    """Second-order prediction (−⅛ ΔᵀHΔ) against the measured midpoint barrier, coloured by block, with
+    the y = x line of an exact prediction."""
+    if landscape.empty:
         return None
-    predicted, measured = np.array(points).T
-    fig = Figure(figsize=(4.5, 4.5))
+    points = landscape.dropna(subset=["predicted_barrier", "measured_barrier"])
+    if points.empty:
+        return None
+    fig = Figure(figsize=(6.2, 5.0), layout="constrained")
     ax = fig.subplots()
-    ax.scatter(predicted, measured, s=12, alpha=0.7)
-    lo, hi = float(min(predicted.min(), measured.min())), float(max(predicted.max(), measured.max()))
-    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="predicted (second order)", ylabel="measured", title="layer-wise barrier")
-    return _save(fig, out)
+    blocks = list(points["block"].unique())
+    cmap = colormaps["tab10" if len(blocks) <= 10 else "tab20"]
+    for i, block in enumerate(blocks):
+        rows = points[points["block"] == block]
+        label = "all blocks (full model)" if block == ALL_BLOCKS else block
+        ax.scatter(
+            rows["predicted_barrier"],
+            rows["measured_barrier"],
+            s=14,
+            alpha=0.8,
+            color=cmap(i % cmap.N),
+            label=label,
+        )
+    values = points[["predicted_barrier", "measured_barrier"]].to_numpy()
+    lo, hi = float(values.min()), float(values.max())
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="y = x (exact prediction)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(
+        xlabel="predicted barrier −⅛ ΔᵀHΔ (second order)",
+        ylabel="measured midpoint barrier (single-block path, base a)",
+        title=f"Landscape prediction vs measurement\none point per block, round and pair "
+        f"({describe_pairs(points)}); H at {', '.join(sorted(set(points['hessian_at'])))}",
+    )
+    ax.legend(fontsize=7, ncol=1 + len(blocks) // 12, title="block")
+    return fig
 
 
-def _save(fig: Figure, out: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+def save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    return path
 
 
 def plot_analysis(run_dir: Path) -> list[Path]:
     """Every analysis plot that the run's data supports; returns the files written."""
-    barriers = read_rows(run_dir / "barriers.csv")
-    landscape = read_rows(run_dir / "landscape.csv")
-    made = [
-        layer_heatmap(barriers, run_dir / "barrier_heatmap.png"),
-        full_curve(barriers, run_dir / "barrier_full.png"),
-        cumulative_curves(barriers, run_dir / "barrier_cumulative.png"),
-        predicted_vs_measured(landscape, run_dir / "barrier_predicted.png"),
-    ]
-    return [path for path in made if path is not None]
+    run_dir = Path(run_dir)
+    barriers = read_barriers(run_dir)
+    figures = {
+        "barrier_heatmap.png": run_heatmap_figure(barriers, run_dir.name),
+        "barrier_full.png": full_figure(barriers),
+        "barrier_cumulative.png": cumulative_figure(barriers),
+        "barrier_predicted.png": predicted_figure(read_landscape(run_dir)),
+    }
+    return [save(fig, run_dir / name) for name, fig in figures.items() if fig is not None]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +19,10 @@ from fedlayer.data.sources import DataError
 if TYPE_CHECKING:
     import datasets
     from flwr_datasets.partitioner import Partitioner
+    from matplotlib.figure import Figure
 
+MAX_LEGEND_CLASSES = 20  # more classes get a colour bar of the class index
+MAX_TICKED_CLIENTS = 40  # more clients get ticks at round numbers only
 LABEL, INDEX = "label", "idx"  # dataset columns: the label, and the sample's index into the training set
 
 
@@ -200,6 +204,7 @@ def write_partition_report(
     num_classes: int,
     *,
     partitioner: str | None = None,
+    class_names: Sequence[str] = (),
 ) -> None:
     """Write ``partition.json`` (per-client sizes and class counts) and ``partition.png`` into ``run_dir``.
 
@@ -215,16 +220,25 @@ def write_partition_report(
         Number of classes (the length of every ``class_counts`` list).
     partitioner : str | None
         Name recorded in the JSON (e.g. ``cfg.data.partitioner``).
+    class_names : Sequence[str]
+        The classes' names in label order (``TensorData.classes``), recorded and shown in the plot's legend;
+        empty: classes are shown by index.
     """
     labels = np.asarray(labels, dtype=np.int64)
     run_dir = Path(run_dir)
     clients = [_client_entry(s, labels, num_classes) for s in splits]
-    head = {"num_clients": len(splits), "partitioner": partitioner, "num_classes": num_classes}
+    head: dict[str, object] = {
+        "num_clients": len(splits),
+        "partitioner": partitioner,
+        "num_classes": num_classes,
+    }
+    if class_names:
+        head["class_names"] = list(class_names)
     # One client per line: readable, and still small for hundreds of clients x 100 classes.
     body = ",\n".join(f"    {json.dumps(c)}" for c in clients)
     text = json.dumps(head, indent=2)[:-2] + f',\n  "clients": [\n{body}\n  ]\n}}\n'
     (run_dir / "partition.json").write_text(text)
-    _plot(run_dir / "partition.png", splits, labels, num_classes)
+    partition_figure(head | {"clients": clients}).savefig(run_dir / "partition.png", dpi=110)
 
 
 def _client_entry(split: ClientSplit, labels: np.ndarray, num_classes: int) -> dict[str, object]:
@@ -240,33 +254,44 @@ def _client_entry(split: ClientSplit, labels: np.ndarray, num_classes: int) -> d
     }
 
 
-def _fixed_partitioner(parts: list[np.ndarray]) -> Partitioner:
-    """Our finished splits seen as a flwr-datasets partitioner, so that its plotting can draw them."""
-    from flwr_datasets.partitioner import Partitioner
+def partition_figure(report: Mapping[str, Any], class_names: Sequence[str] = ()) -> Figure:
+    """Stacked class counts per client from a ``partition.json`` object.
 
-    class FixedPartitioner(Partitioner):
-        def load_partition(self, partition_id: int) -> datasets.Dataset:
-            # pandas format: flwr-datasets counts labels via pd.Series, which iterates a Column lazily.
-            return self.dataset.select(parts[partition_id]).with_format("pandas")
-
-        @property
-        def num_partitions(self) -> int:
-            return len(parts)
-
-    return FixedPartitioner()
-
-
-def _plot(path: Path, splits: list[ClientSplit], labels: np.ndarray, num_classes: int) -> None:
-    import datasets
-    from flwr_datasets.visualization import plot_label_distributions
+    Classes are named by ``class_names``, else by the report's ``class_names``, else by index; more than
+    ``MAX_LEGEND_CLASSES`` classes get a colour bar of the class index instead of a legend.
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry involved
+    from matplotlib.ticker import MaxNLocator
 
-    features = datasets.Features({LABEL: datasets.ClassLabel(num_classes=num_classes)})
-    partitioner = _fixed_partitioner([np.concatenate([s.train_idx, s.test_idx]) for s in splits])
-    partitioner.dataset = datasets.Dataset.from_dict({LABEL: labels}, features=features)
-    figure = Figure(figsize=(min(max(6.0, 0.3 * len(splits)), 24.0), 4.5))
-    axis = figure.subplots()
-    plot_label_distributions(
-        partitioner, LABEL, axis=axis, legend=True, legend_title="class", title="Labels per client"
+    counts = np.array([client["class_counts"] for client in report["clients"]]).reshape(
+        len(report["clients"]), -1
     )
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    names = list(class_names or report.get("class_names") or range(counts.shape[1]))
+    clients, classes = counts.shape
+    cmap = colormaps["tab10" if classes <= 10 else "tab20" if classes <= 20 else "viridis"]
+    colours = [cmap(c if classes <= 20 else c / max(classes - 1, 1)) for c in range(classes)]
+    fig = Figure(figsize=(min(max(6.0, 0.3 * clients), 24.0) + 2.0, 4.5), layout="constrained")
+    ax = fig.subplots()
+    bottoms = np.cumsum(counts, axis=1) - counts
+    ids = np.array([client["partition_id"] for client in report["clients"]])
+    for c in range(classes):
+        ax.bar(ids, counts[:, c], bottom=bottoms[:, c], width=0.85, color=colours[c], label=str(names[c]))
+    if clients <= MAX_TICKED_CLIENTS:
+        ax.set_xticks(ids)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    partitioner = report.get("partitioner")
+    ax.set(
+        xlabel="client (partition id)",
+        ylabel="samples (local train + test)",
+        title=f"Labels per client: {clients} clients"
+        + (f", {partitioner} partitioner" if partitioner else ""),
+    )
+    if classes <= MAX_LEGEND_CLASSES:
+        ax.legend(title="class", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    else:
+        fig.colorbar(ScalarMappable(Normalize(0, classes - 1), cmap), ax=ax, label="class index")
+    return fig

@@ -35,11 +35,14 @@ class TensorData:
         int64 labels (N,).
     num_classes : int
         Number of classes of the dataset (not only those present in this subset).
+    classes : tuple[str, ...]
+        The class names, label order ("T-shirt/top", "Trouser", ...); empty where the source has none.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
+    classes: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -47,14 +50,15 @@ class TensorData:
     @staticmethod
     def concat(parts: list[TensorData]) -> TensorData:
         """The samples of ``parts`` one after the other (e.g. a training and a test set pooled)."""
+        first = parts[0]
         return TensorData(
-            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].num_classes
+            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), first.num_classes, first.classes
         )
 
     def subset(self, idx: np.ndarray | torch.Tensor) -> TensorData:
         """The samples at positions ``idx`` (a copy), in that order."""
         index = torch.as_tensor(np.asarray(idx) if isinstance(idx, np.ndarray) else idx, dtype=torch.long)
-        return TensorData(self.x[index], self.y[index], self.num_classes)
+        return TensorData(self.x[index], self.y[index], self.num_classes, self.classes)
 
 
 @dataclass(frozen=True)
@@ -239,4 +243,4 @@ def _convert(spec: _Spec, ds: tv.MNIST | tv.CIFAR10) -> TensorData:
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
     y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    return TensorData(x.sub_(mean).div_(std), y, spec.num_classes)
+    return TensorData(x.sub_(mean).div_(std), y, spec.num_classes, tuple(ds.classes))
