@@ -58,7 +58,7 @@ def accuracy_figure(metrics: pd.DataFrame, title: str = "") -> Figure | None:
     for key, label in RUN_CURVES.items():
         if key in metrics and metrics[key].notna().all():
             ax.plot(metrics["round"], 100 * metrics[key], marker="o", ms=3, label=label)
-    round_axis(ax)
+    round_axis(ax, metrics["round"])
     ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -310,7 +310,7 @@ def accuracy_bands_figure(groups: Mapping[str, Sequence[Path]]) -> Figure:
         if seeds > 1:
             handles.append(Patch(color="grey", alpha=0.3))
             labels.append("band: min–max over seeds")
-        round_axis(ax)
+        round_axis(ax, [r for curve in found.values() for r in curve.index])
         ax.set(ylabel=BAND_CURVES[key])
         ax.grid(alpha=0.3)
         ax.legend(handles, labels, fontsize=8)

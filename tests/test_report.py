@@ -72,8 +72,8 @@ def barrier_row(r: int, pair: tuple[str, str], kind: str, block: str = "", **kw:
 def write_barriers(run: Path, rounds: tuple[int, ...], pairs: list[tuple[str, str]]) -> None:
     """Layer rows (both bases), full rows, and cumulative rows for a fixed and a per-round random order."""
     rows = []
-    for r, pair in product(rounds, pairs):
-        rows.append(barrier_row(r, pair, "full", k=len(BLOCKS), barrier=0.2 * r))
+    for r, (p, pair) in product(rounds, enumerate(pairs)):
+        rows.append(barrier_row(r, pair, "full", k=len(BLOCKS), barrier=0.2 * r + 0.01 * p))
         for base, shift in (("a", -0.02), ("b", 0.0)):
             rows += [
                 barrier_row(r, pair, "layer", b, base=base, barrier=0.01 * i + shift)
@@ -109,7 +109,7 @@ def run_dir(tmp_path: Path) -> Path:
 def integer_ticks(ax: Axes) -> bool:
     low, high = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if low <= t <= high]
-    return len(ticks) > 1 and all(float(t).is_integer() for t in ticks)
+    return len(ticks) >= 1 and all(float(t).is_integer() for t in ticks)
 
 
 def legend_texts(ax: Axes) -> list[str]:
@@ -125,10 +125,25 @@ def test_round_axes_have_integer_ticks(run_dir: Path) -> None:
     metrics = read_metrics(run_dir)
     figures = [accuracy_figure(metrics), full_figure(read_barriers(run_dir))]
     figures.append(accuracy_bands_figure({"fedper": [run_dir]}))
+    write_barriers(run_dir, (4,), [("0", "1"), ("0", "2")])  # one analysed round: no 3.85, 3.90, ...
+    figures.append(full_figure(read_barriers(run_dir)))
+    write_metrics(run_dir, 30, pooled=False)  # many rounds: a locator, still integers
+    figures.append(accuracy_figure(read_metrics(run_dir)))
     for fig in figures:
         assert fig is not None
         axes = round_axes(fig)
         assert axes and all(integer_ticks(ax) for ax in axes), [ax.get_xticks() for ax in axes]
+
+
+def test_full_barrier_shows_the_spread_over_pairs(run_dir: Path) -> None:
+    fig = full_figure(read_barriers(run_dir))
+    assert fig is not None
+    texts = legend_texts(fig.axes[0])
+    assert sorted(texts) == [
+        "full model: mean over pairs; bars: min–max over pairs",
+        "largest single layer (mean over pairs, bases)",
+    ]
+    assert "3 client–client pairs" in fig.axes[0].get_title()
 
 
 def test_run_accuracy_shows_the_pooled_accuracy_in_percent(run_dir: Path) -> None:

@@ -6,7 +6,7 @@ shows: which pairs, how they are aggregated, and what the sign of a barrier mean
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,18 @@ SIGN = "> 0: worse than the two models, < 0: better"
 ALL_BLOCKS = "*"  # landscape.csv's block of the all-blocks (full model) row
 MAX_LEGEND_ROUNDS = 8  # more analysed rounds than this get a colour bar instead of a legend entry each
 MAX_ANNOTATED_CELLS = 160
+MAX_ROUND_TICKS = 12
 
 
-def round_axis(ax: Axes) -> None:
-    """An x axis of rounds: integer ticks only (rounds 1.5, 2.5 do not exist)."""
+def round_axis(ax: Axes, rounds: Iterable[int]) -> None:
+    """An x axis of rounds: a tick at every round shown when they are few, else integer ticks only
+    (rounds 1.5, 2.5 do not exist)."""
     ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    shown = sorted({int(r) for r in rounds})
+    if len(shown) <= MAX_ROUND_TICKS:
+        ax.set_xticks(shown)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def describe_pairs(rows: pd.DataFrame) -> str:
@@ -71,7 +77,8 @@ def heatmap_figure(grids: Mapping[str, pd.DataFrame], aggregated: str) -> Figure
     vmax = max(float(np.nanmax(np.abs(grid.to_numpy()))) for grid in grids.values()) or 1.0
     for ax, (label, grid) in zip(axes, grids.items(), strict=True):
         image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="coolwarm", vmin=-vmax, vmax=vmax)
-        ax.set_xticks(range(grid.shape[1]), [str(r) for r in grid.columns])
+        columns = range(0, grid.shape[1], -(-grid.shape[1] // MAX_ROUND_TICKS))  # every n-th round when many
+        ax.set_xticks(columns, [str(grid.columns[c]) for c in columns])
         ax.set_yticks(range(len(grid)), grid.index if ax is axes[0] else [""] * len(grid))
         ax.set(xlabel="round", title=label)
         if grid.size <= MAX_ANNOTATED_CELLS:
@@ -99,11 +106,17 @@ def full_figure(barriers: pd.DataFrame) -> Figure | None:
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
     per_round = full.groupby("round")["barrier"].agg(["mean", "min", "max"])
-    ax.plot(per_round.index, per_round["mean"], marker="o", label="full model (mean over pairs)")
-    if (per_round["min"] < per_round["max"]).any():
-        ax.fill_between(
-            per_round.index, per_round["min"], per_round["max"], alpha=0.2, label="min–max over pairs"
-        )
+    spread = np.vstack([per_round["mean"] - per_round["min"], per_round["max"] - per_round["mean"]]).clip(0)
+    several = bool(spread.any())
+    label = "full model: mean over pairs" + ("; bars: min–max over pairs" if several else "")
+    ax.errorbar(
+        per_round.index,
+        per_round["mean"],
+        yerr=spread if several else None,
+        marker="o",
+        capsize=3,
+        label=label,
+    )
     layer = midpoint(barriers, "layer")
     if not layer.empty:
         worst = layer.groupby(["round", "block"])["barrier"].mean().groupby(level="round").max()
@@ -111,7 +124,7 @@ def full_figure(barriers: pd.DataFrame) -> Figure | None:
             worst.index, worst.to_numpy(), marker="s", label="largest single layer (mean over pairs, bases)"
         )
     ax.axhline(0, color="grey", lw=0.8)
-    round_axis(ax)
+    round_axis(ax, per_round.index)
     ax.set(
         ylabel=f"loss barrier {BARRIER}", title=f"Full vs layer-wise barrier at α = ½, {describe_pairs(full)}"
     )
@@ -209,8 +222,11 @@ def predicted_figure(landscape: pd.DataFrame) -> Figure | None:
     ax.set(
         xlabel="predicted barrier −⅛ ΔᵀHΔ (second order)",
         ylabel="measured midpoint barrier (single-block path, base a)",
-        title=f"Landscape prediction vs measurement\none point per block, round and pair "
-        f"({describe_pairs(points)}); H at {', '.join(sorted(set(points['hessian_at'])))}",
+    )
+    ax.set_title(
+        f"Second-order prediction vs measured barrier\none point per block, round and pair "
+        f"({describe_pairs(points)})\nHessian at {', '.join(sorted(set(points['hessian_at'])))}",
+        fontsize=10,
     )
     ax.legend(fontsize=7, ncol=1 + len(blocks) // 12, title="block")
     return fig
