@@ -61,7 +61,7 @@ def accuracy_figure(metrics: pd.DataFrame, title: str = "") -> Figure | None:
     round_axis(ax, metrics["round"])
     ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)  # below the axes: never over a curve
     return fig
 
 

@@ -113,7 +113,8 @@ def integer_ticks(ax: Axes) -> bool:
 
 
 def legend_texts(ax: Axes) -> list[str]:
-    legend = ax.get_legend()
+    """The axes' legend, or the figure's when the legend sits below the axes."""
+    legend = ax.get_legend() or (ax.figure.legends[0] if ax.figure.legends else None)  # type: ignore[union-attr]
     return [] if legend is None else [text.get_text() for text in legend.get_texts()]
 
 

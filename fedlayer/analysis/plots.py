@@ -128,7 +128,7 @@ def full_figure(barriers: pd.DataFrame) -> Figure | None:
     ax.set(
         ylabel=f"loss barrier {BARRIER}", title=f"Full vs layer-wise barrier at α = ½, {describe_pairs(full)}"
     )
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)
     return fig
 
 
