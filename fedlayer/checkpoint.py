@@ -2,9 +2,9 @@
 
 Every round the server writes ``checkpoint.pt`` atomically (temp file + rename): the global arrays, the
 base strategy's server-side optimizer state (FedAvgM momentum, FedAdam/FedYogi/FedAdagrad moments), the
-server's RNG states, the text of ``metrics.jsonl`` so far and the size of every other row file (analysis
-rows written so far). It holds tensors and plain Python values only, so it loads with
-``torch.load(path, weights_only=True)``.
+server's RNG states, the sharing policy's state (``lmc``: next round's shared set, the history), the text
+of ``metrics.jsonl`` so far and the size of every other row file (analysis rows written so far). It holds
+tensors and plain Python values only, so it loads with ``torch.load(path, weights_only=True)``.
 
 Personal layers live on the clients. In simulation each client also writes its personal state after
 training to ``<run>/clients/partition-<id>/round-<r>.pt`` (the server passes the folder in the train and
@@ -51,6 +51,7 @@ class Checkpoint:
     rng: dict[str, Any]
     metrics: str
     row_files: dict[str, int]
+    sharing: dict[str, Any]  # the sharing policy's state (lmc: shared set, history, costs)
 
 
 def save_checkpoint(run: RunDir, server_round: int, arrays: ArrayRecord, strategy: PartialStrategy) -> None:
@@ -65,6 +66,7 @@ def save_checkpoint(run: RunDir, server_round: int, arrays: ArrayRecord, strateg
             if hasattr(strategy.base, name)
         },
         "rng": _rng_state(),
+        "sharing": strategy.sharing.state() if strategy.sharing is not None else {},
         "metrics": run.file(METRICS).read_text() if run.file(METRICS).exists() else "",
         "row_files": {p.name: p.stat().st_size for p in _row_files(run)},
     }
@@ -81,7 +83,15 @@ def load_checkpoint(run: RunDir) -> Checkpoint:
         raise ConfigError(f"--resume: {str(run.path)!r} has no {CHECKPOINT}; no round of it completed")
     raw = torch.load(path, weights_only=True)
     arrays = ArrayRecord({k: Array(v.numpy()) for k, v in raw["arrays"].items()})
-    return Checkpoint(raw["round"], arrays, raw["strategy"], raw["rng"], raw["metrics"], raw["row_files"])
+    return Checkpoint(
+        raw["round"],
+        arrays,
+        raw["strategy"],
+        raw["rng"],
+        raw["metrics"],
+        raw["row_files"],
+        raw.get("sharing", {}),
+    )
 
 
 def restore(run: RunDir, ckpt: Checkpoint, strategy: PartialStrategy) -> None:
@@ -93,6 +103,8 @@ def restore(run: RunDir, ckpt: Checkpoint, strategy: PartialStrategy) -> None:
     for name, value in ckpt.strategy.items():
         setattr(strategy.base, name, _decode(value))
     _set_rng_state(ckpt.rng)
+    if strategy.sharing is not None and ckpt.sharing:
+        strategy.sharing.load_state(ckpt.sharing)
     strategy.round_offset = ckpt.round
     drop_client_states_after(run.file(CLIENT_STATE), ckpt.round)
 

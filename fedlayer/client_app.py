@@ -17,13 +17,15 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlayer.analysis.sharing import cost_sample, sharing_costs
 from fedlayer.checkpoint import load_client_state, save_client_state
 from fedlayer.config import Config, config_from_dict
 from fedlayer.data import TensorData
-from fedlayer.experiment import client_generator, federated_data, initial_model
+from fedlayer.experiment import client_generator, cost_generator, federated_data, initial_model
 from fedlayer.models import model_blocks, model_groups
 from fedlayer.training import evaluate, load_state, resolve_device
 from strategies.algorithms import get_algorithm
+from strategies.mechanism import COST_PREFIX, REFERENCE
 from strategies.recipes import RECIPES, LocalTask, personalize
 
 app = ClientApp()
@@ -49,6 +51,7 @@ class ClientJob:
     test_data: TensorData
     device: torch.device
     received: list[str]  # keys that came from the server (shared); the rest are personal
+    incoming: dict[str, torch.Tensor]  # the received values, before training
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientJob:
@@ -68,7 +71,8 @@ class ClientJob:
         if PERSONAL in context.state:
             load_state(model, context.state[PERSONAL].to_torch_state_dict())  # type: ignore[union-attr]
         arrays = msg.content["arrays"]
-        load_state(model, arrays.to_torch_state_dict())  # type: ignore[union-attr]
+        incoming = arrays.to_torch_state_dict()  # type: ignore[union-attr]
+        load_state(model, incoming)
         return cls(
             cfg,
             partition_id,
@@ -78,6 +82,7 @@ class ClientJob:
             test_data,
             device,
             list(arrays.keys()),
+            incoming,
         )
 
     def task(self) -> LocalTask:
@@ -108,6 +113,21 @@ class ClientJob:
         received = set(self.received)
         return [k for k in self.model.state_dict() if k not in received]
 
+    def kept_keys(self) -> list[str]:
+        """What the client keeps between rounds: its personal keys; every key when the shared set can
+        change (``lmc``), so a block that turns personal continues from the client's own copy."""
+        if get_algorithm(self.cfg.strategy).dynamic:
+            return list(self.model.state_dict())
+        return self.personal_keys()
+
+    def sharing_costs(self, reference: ArrayRecord | None) -> dict[str, float]:
+        """The cost of sharing each block (``lmc`` decision rounds): toward the incoming global blocks and
+        the server's reference for the personal ones, on a seeded sample of the local training data."""
+        target = self.incoming | (reference.to_torch_state_dict() if reference is not None else {})
+        generator = cost_generator(self.cfg, self.partition_id, self.server_round)
+        sample = cost_sample(self.train_data.x, self.train_data.y, self.cfg.strategy.lmc_samples, generator)
+        return sharing_costs(self.model, target, model_blocks(self.model), sample, device=self.device)
+
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
@@ -129,11 +149,11 @@ def _train(msg: Message, context: Context) -> Message:
     before = job.personalized_eval(task) if job.cfg.train.evaluate_before else None
     train_loss = RECIPES[get_algorithm(job.cfg.strategy).recipe](task)
     loss_after, acc_after = job.personalized_eval(task)
-    context.state[PERSONAL] = job.state(job.personal_keys())
+    context.state[PERSONAL] = job.state(job.kept_keys())
     config = msg.content["config"]
     if config.get("state-dir"):
         save_client_state(
-            str(config["state-dir"]), job.partition_id, job.server_round, job.state(job.personal_keys())
+            str(config["state-dir"]), job.partition_id, job.server_round, job.state(job.kept_keys())
         )
     full = bool(config.get("full-model", False))
     metrics = MetricRecord(
@@ -147,6 +167,10 @@ def _train(msg: Message, context: Context) -> Message:
     )
     if before is not None:
         metrics["personalized_loss_before"], metrics["personalized_acc_before"] = before
+    if config.get("lmc-measure"):
+        reference = msg.content.array_records.get(REFERENCE)
+        for block, cost in job.sharing_costs(reference).items():
+            metrics[COST_PREFIX + block] = cost
     arrays = _corrupt(job.state(None if full else job.received), fault)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

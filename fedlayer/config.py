@@ -17,7 +17,10 @@ NORMS = ("none", "batch", "group")
 DEVICES = ("auto", "cpu", "cuda")
 POOLS = ("train", "train+test")
 NORMALIZATIONS = ("dataset", "half")
+LABEL_SHIFTS = ("none", "permute")
 FINETUNES = ("head", "final")
+LMC_SOURCES = ("clients", "server")
+LMC_STATISTICS = ("mean", "max", "quantile")
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,9 @@ class DataConfig:
     # "train+test": pool both (PFLlib); the global test set is the union of the clients' local test splits
     pool: str = "train"
     normalize: str = "dataset"  # dataset: its per-channel mean/std; half: mean 0.5, std 0.5 (PFLlib)
+    # none | permute: each client relabels its data by its own seeded permutation (concept shift); client 0
+    # and the global test set keep the dataset's labels, so global accuracy is client 0's view
+    label_shift: str = "none"
 
 
 @dataclass
@@ -85,6 +91,15 @@ class StrategyConfig:
     # fine-tuned for finetune_epochs after the last round (its evaluation is the last round's)
     finetune: str = "head"
     finetune_epochs: int = 10
+    # lmc (barrier-guided sharing, strategies/sharing.py): `shared` is the set before the first decision
+    lmc_source: str = "clients"  # clients: costs measured by clients on their data; server: analysis hook
+    lmc_every: int = 1  # rounds between decisions (every, 2 x every, ... are decision rounds)
+    lmc_samples: int = 256  # local training samples each client measures its costs on
+    lmc_statistic: str = "mean"  # over clients: mean (sample-weighted) | max | quantile
+    lmc_quantile: float = 0.9
+    lmc_threshold: float = 0.05  # share a block when its cost (loss increase, nats) is <= this
+    lmc_share_fraction: float = 0.0  # > 0: share this fraction of blocks with the lowest cost instead
+    lmc_always: list[str] = field(default_factory=list)  # block patterns always shared
     server_lr: float = 1.0  # fedavgm / fedadam
     server_momentum: float = 0.9  # fedavgm
     trim_beta: float = 0.2  # fedtrimmedavg
@@ -224,6 +239,7 @@ def validate(cfg: Config) -> None:
     _check("data.max_test_samples", d.max_test_samples >= 0, d.max_test_samples, ">= 0 (0 = all)")
     _one_of("data.pool", d.pool, POOLS)
     _one_of("data.normalize", d.normalize, NORMALIZATIONS)
+    _one_of("data.label_shift", d.label_shift, LABEL_SHIFTS)
     _one_of("model.name", m.name, MODELS)
     _one_of("model.norm", m.norm, NORMS)
     _check("train.epochs", t.epochs >= 1, t.epochs, ">= 1")
@@ -234,6 +250,7 @@ def validate(cfg: Config) -> None:
     _one_of("train.device", t.device, DEVICES)
     _one_of("strategy.finetune", cfg.strategy.finetune, FINETUNES)
     s = cfg.strategy
+    _check_lmc(cfg)
     _check("strategy.finetune_steps", s.finetune_steps >= 0, s.finetune_steps, ">= 0")
     _check("strategy.finetune_epochs", s.finetune_epochs >= 0, s.finetune_epochs, ">= 0")
     _check("federation.clients", f.clients >= 1, f.clients, ">= 1")
@@ -264,6 +281,25 @@ def validate(cfg: Config) -> None:
     _one_of("analysis.bn", a.bn, ("interpolate", "reset"))
     _check("analysis.num_gpus", a.num_gpus >= 0, a.num_gpus, ">= 0")
     _check("analysis.num_cpus", a.num_cpus >= 0, a.num_cpus, ">= 0")
+
+
+def _check_lmc(cfg: Config) -> None:
+    s, a = cfg.strategy, cfg.analysis
+    _one_of("strategy.lmc_source", s.lmc_source, LMC_SOURCES)
+    _check("strategy.lmc_every", s.lmc_every >= 1, s.lmc_every, ">= 1")
+    _check("strategy.lmc_samples", s.lmc_samples >= 1, s.lmc_samples, ">= 1")
+    _one_of("strategy.lmc_statistic", s.lmc_statistic, LMC_STATISTICS)
+    _check("strategy.lmc_quantile", 0 <= s.lmc_quantile <= 1, s.lmc_quantile, "in [0, 1]")
+    _check("strategy.lmc_threshold", s.lmc_threshold >= 0, s.lmc_threshold, ">= 0")
+    fraction = s.lmc_share_fraction
+    _check("strategy.lmc_share_fraction", 0 <= fraction <= 1, fraction, "0 (use lmc_threshold) or in (0, 1]")
+    if s.name == "lmc" and s.lmc_source == "server":
+        _check(
+            "strategy.lmc_source",
+            a.every > 0 and s.lmc_every % a.every == 0,
+            s.lmc_source,
+            "'clients' unless analysis.every > 0 divides strategy.lmc_every ('server' reads the analysis)",
+        )
 
 
 def _distinct(values: list[float]) -> bool:

@@ -27,11 +27,16 @@ class FederatedData:
     train: TensorData  # the (sub-sampled) training pool the partitions index into
     test: TensorData  # the server's global test set
     splits: list[ClientSplit]
+    label_maps: np.ndarray | None = None  # (clients, classes): client i sees label y as label_maps[i, y]
 
     def client(self, partition_id: int) -> tuple[TensorData, TensorData]:
         """A client's local train and local test data."""
         split = self.splits[partition_id]
-        return self.train.subset(split.train_idx), self.train.subset(split.test_idx)
+        train, test = self.train.subset(split.train_idx), self.train.subset(split.test_idx)
+        if self.label_maps is None:
+            return train, test
+        mapping = torch.as_tensor(self.label_maps[partition_id])
+        return (TensorData(d.x, mapping[d.y], d.num_classes) for d in (train, test))  # type: ignore[return-value]
 
     def write_partition_report(self, run_dir: Path, partitioner: str) -> None:
         """``partition.json`` / ``partition.png`` of these splits, classes named as the dataset names them."""
@@ -86,7 +91,19 @@ def partitioned(train: TensorData, test: TensorData, cfg: Config) -> FederatedDa
     if pooled:
         test = train.subset(np.sort(np.concatenate([s.test_idx for s in splits])))
     test = test.subset(subsample(len(test), d.max_test_samples, cfg.seed))
-    return FederatedData(train, test, splits)
+    return FederatedData(
+        train, test, splits, _label_maps(d.label_shift, len(splits), train.num_classes, cfg.seed)
+    )
+
+
+def _label_maps(shift: str, clients: int, classes: int, seed: int) -> np.ndarray | None:
+    """``permute``: a seeded label permutation per client (concept shift: P(y | x) differs between clients;
+    client 0 keeps the dataset's labels)."""
+    if shift == "none":
+        return None
+    rng = np.random.default_rng([seed, 0x1AB])
+    maps = [np.arange(classes)] + [rng.permutation(classes) for _ in range(clients - 1)]
+    return np.stack(maps)
 
 
 def initial_model(cfg: Config, data: TensorData) -> nn.Module:
@@ -98,5 +115,14 @@ def initial_model(cfg: Config, data: TensorData) -> nn.Module:
 
 def client_generator(cfg: Config, partition_id: int, server_round: int) -> torch.Generator:
     """A client's batch-order RNG for one round, independent of scheduling order."""
-    seed = np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0]
+    return _generator(cfg.seed, partition_id, server_round)
+
+
+def cost_generator(cfg: Config, partition_id: int, server_round: int) -> torch.Generator:
+    """A client's RNG for the sample its sharing costs are measured on (``lmc``), apart from training's."""
+    return _generator(cfg.seed, partition_id, server_round, 1)
+
+
+def _generator(*entropy: int) -> torch.Generator:
+    seed = np.random.SeedSequence(list(entropy)).generate_state(1)[0]
     return torch.Generator().manual_seed(int(seed))

@@ -122,6 +122,10 @@ class RoundRecorder(RoundObserver):
         for key in self.CLIENT_KEYS:
             self.row |= client_stats(key, [m[key] for m in metrics if key in m])
 
+    def on_sharing(self, server_round: int, shared_blocks: Sequence[str], all_blocks: Sequence[str]) -> None:
+        self.row["shared_blocks"] = list(shared_blocks)
+        self.row["shared_fraction"] = len(shared_blocks) / max(len(all_blocks), 1)
+
     def on_client_faults(self, server_round: int, faults: Sequence[ClientFault]) -> None:
         self.row["client_failures"] = sum(f.reason == "error" for f in faults)
         self.row["client_faults"] = len(faults)

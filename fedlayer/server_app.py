@@ -7,19 +7,23 @@ from collections.abc import Callable, Sequence
 from logging import INFO
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedlayer.analysis.hook import GLOBAL, AnalysisHook, check_resources, is_analysis_round
+from fedlayer.analysis.plots import LAYERS_BY_ROUND, plot_shared_blocks
 from fedlayer.checkpoint import CLIENT_STATE, checkpointing, load_checkpoint, restore
-from fedlayer.config import Config, load_config, to_toml
+from fedlayer.config import Config, ConfigError, load_config, to_toml
 from fedlayer.experiment import FederatedData, federated_data, initial_model
-from fedlayer.layers import Resolution, resolve
+from fedlayer.layers import Resolution, Selector, resolve
+from fedlayer.models import model_groups
 from fedlayer.report import plot_accuracy
 from fedlayer.results import RoundCallback, RoundRecorder, RunDir, save_arrays
 from fedlayer.training import evaluate, resolve_device
 from strategies import PartialStrategy, RoundObserver, aggregator_name, get_algorithm, make_aggregator
+from strategies.sharing import LmcPolicy, LmcRule, SharingPolicy
 
 app = ServerApp()
 
@@ -28,6 +32,72 @@ def shared_layers(cfg: Config, model: object) -> Resolution:
     """Resolve the algorithm's selector against the model (config errors name strategy.shared)."""
     algorithm = get_algorithm(cfg.strategy)
     return resolve(algorithm.selector(cfg.strategy), model, field="strategy.shared")  # type: ignore[arg-type]
+
+
+def sharing_policy(cfg: Config, model: torch.nn.Module, layers: Resolution) -> SharingPolicy | None:
+    """The barrier-guided policy of a dynamic algorithm (``lmc``); ``None`` for a fixed shared set."""
+    s = cfg.strategy
+    if not get_algorithm(s).dynamic:
+        return None
+    never = _blocks(s.exclude, model, "strategy.exclude")
+    always = _blocks(s.lmc_always, model, "strategy.lmc_always")
+    if both := sorted(never & always):
+        raise ConfigError(f"strategy.lmc_always: {', '.join(both)} also excluded by strategy.exclude")
+    rule = LmcRule(s.lmc_threshold, s.lmc_share_fraction, s.lmc_statistic, s.lmc_quantile)
+    return LmcPolicy(
+        layers.blocks,
+        layers.shared_blocks,
+        rule=rule,
+        every=s.lmc_every,
+        source=s.lmc_source,
+        always=always,
+        never=never,
+        norm=set(model_groups(model)["norm"]),
+    )
+
+
+def _blocks(patterns: list[str], model: torch.nn.Module, field: str) -> set[str]:
+    if not patterns:
+        return set()
+    return set(resolve(Selector(include=patterns), model, field=field).shared_blocks)
+
+
+class SharingLog(RoundObserver):
+    """``layers_by_round.json``: per round the shared blocks and, in decision rounds, the measured costs."""
+
+    def __init__(self, run: RunDir, policy: LmcPolicy) -> None:
+        self.run, self.policy = run, policy
+
+    def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
+        rounds = {
+            r: {"shared": shared, "costs": self.policy.costs.get(r, {})}
+            for r, shared in sorted(self.policy.history.items())
+        }
+        self.run.write_json(LAYERS_BY_ROUND, {"blocks": list(self.policy.blocks), "rounds": rounds})
+
+
+class ServerCosts(RoundObserver):
+    """``lmc_source = "server"``: a decision from the analysis hook's layer barriers of the round (it waits
+    for the actor), as the mean over pairs and both bases of the midpoint barrier B_l."""
+
+    def __init__(self, hook: AnalysisHook, policy: LmcPolicy) -> None:
+        self.hook, self.policy = hook, policy
+
+    def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
+        if not self.policy.measures(server_round):
+            return
+        rows = [
+            r
+            for r in self.hook.rows_of(server_round)
+            if r["kind"] == "layer"
+            and float(r["alpha"]) == 0.5
+            and GLOBAL not in (r["client_a"], r["client_b"])
+        ]
+        by_block: dict[str, list[float]] = {}
+        for row in rows:
+            by_block.setdefault(row["block"], []).append(float(row["barrier"]))
+        costs = {block: sum(values) / len(values) for block, values in by_block.items()}
+        self.policy.decide(server_round, [costs] if costs else [], [1.0] if costs else [])
 
 
 def global_evaluator(
@@ -121,6 +191,11 @@ def run_server(
     recorder = RoundRecorder(run, on_round)
     hook = analysis_hook(cfg, run)
     observers: list[RoundObserver] = [recorder] if hook is None else [recorder, AnalysisObserver(cfg, hook)]
+    sharing = sharing_policy(cfg, model, layers)
+    if isinstance(sharing, LmcPolicy):
+        if sharing.source == "server" and hook is not None:
+            observers.append(ServerCosts(hook, sharing))
+        observers.append(SharingLog(run, sharing))
     base = make_aggregator(aggregator_name(cfg.strategy), cfg.strategy, cfg.federation)
     strategy = PartialStrategy(
         base,
@@ -128,6 +203,7 @@ def run_server(
         full_model_rounds=lambda r: is_analysis_round(cfg.analysis, r),
         observers=observers,
         sampling_seed=cfg.seed,
+        sharing=sharing,
     )
     experiment = ConfigRecord({"experiment": to_toml(cfg)})
     if client_state:
@@ -154,6 +230,8 @@ def run_server(
     if hook is not None:
         hook.finish()
     plot_accuracy(run.path)
+    if isinstance(sharing, LmcPolicy):
+        plot_shared_blocks(run.path)
     run.write_json(
         "summary.json",
         {"status": "finished", "seconds": time.perf_counter() - started, "rounds": cfg.federation.rounds},

@@ -8,6 +8,7 @@ from fedlayer.config import ConfigError, StrategyConfig
 from fedlayer.layers import Selector
 
 RECIPES = ("sgd", "fedprox", "fedrep", "fedbabu")
+STATELESS_AGGREGATORS = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,12 @@ class Algorithm:
     exclude: tuple[str, ...] = ()
     recipe: str = "sgd"
     aggregator: str | None = None
+    dynamic: bool = False  # the shared set changes during the run (lmc); `shared` is the initial set
 
     def selector(self, strategy: StrategyConfig) -> Selector:
         include = tuple(strategy.shared) if self.shared is None else self.shared
+        if self.dynamic and not include:
+            include = _ALL
         return Selector(include=list(include), exclude=list(self.exclude) + list(strategy.exclude))
 
 
@@ -67,6 +71,12 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "partial", None, "personalization averaging: strategy.shared blocks averaged (Adilova et al.)"
         ),
+        Algorithm(
+            "lmc",
+            None,
+            "barrier-guided: blocks whose measured sharing cost is low are averaged (strategies/sharing.py)",
+            dynamic=True,
+        ),
     )
 }
 
@@ -78,12 +88,20 @@ def get_algorithm(strategy: StrategyConfig) -> Algorithm:
             f"strategy.name: {strategy.name!r} is not allowed; choose one of: {', '.join(ALGORITHMS)}"
         )
     algorithm = ALGORITHMS[strategy.name]
-    if algorithm.shared is None and not strategy.shared:
+    if algorithm.shared is None and not strategy.shared and not algorithm.dynamic:
         raise ConfigError(
             "strategy.shared: must list at least one block pattern for strategy.name = 'partial'"
         )
     if algorithm.shared is not None and strategy.shared:
-        raise ConfigError(f"strategy.shared: only used by strategy.name = 'partial', not {strategy.name!r}")
+        raise ConfigError(
+            f"strategy.shared: only used by strategy.name = 'partial' or 'lmc', not {strategy.name!r}"
+        )
+    if algorithm.dynamic and strategy.aggregator not in STATELESS_AGGREGATORS:
+        raise ConfigError(
+            f"strategy.aggregator: {strategy.aggregator!r} is not allowed with strategy.name = "
+            f"{strategy.name!r} (its server state cannot follow a changing shared set); choose one of: "
+            + ", ".join(STATELESS_AGGREGATORS)
+        )
     return algorithm
 
 

@@ -14,6 +14,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from strategies.sharing import SharingPolicy
+
+REFERENCE = "reference"  # train-message ArrayRecord: the server's value of the round's personal blocks
+COST_PREFIX = "lmc."  # train-reply metrics "lmc.<block>": the client's cost of sharing that block
 
 
 class RoundObserver:
@@ -36,6 +42,9 @@ class RoundObserver:
 
     def on_client_faults(self, server_round: int, faults: Sequence[ClientFault]) -> None:
         """Train replies excluded from this round's aggregation (after ``on_train_replies``)."""
+
+    def on_sharing(self, server_round: int, shared_blocks: Sequence[str], all_blocks: Sequence[str]) -> None:
+        """The blocks shared in this round (called when it is configured, for dynamic sharing only)."""
 
 
 def select_arrays(record: ArrayRecord, keys: Iterable[str]) -> ArrayRecord:
@@ -163,6 +172,11 @@ class PartialStrategy(Strategy):
         Metrics recorder, analysis hook, ...
     sampling_seed : int, optional
         Client sampling in round r depends only on (seed, r) and the partition ids, not on node ids.
+    sharing : SharingPolicy, optional
+        Decides the shared blocks per round (``lmc``); ``None`` shares ``shared_keys`` in every round.
+        In a decision round clients send every block up; the sample-weighted average of the blocks
+        personal in that round becomes the server's value of them: the reference clients measure
+        against next time, and the starting point of a block that turns shared.
 
     Attributes
     ----------
@@ -180,12 +194,14 @@ class PartialStrategy(Strategy):
         full_model_rounds: Callable[[int], bool] = lambda _: False,
         observers: Sequence[RoundObserver] = (),
         sampling_seed: int = 0,
+        sharing: SharingPolicy | None = None,
     ) -> None:
         self.base = base
         self.sampling_seed = sampling_seed
         self.round_offset = 0
         self.partitions: dict[int, int] = {}
-        self.shared_keys = list(shared_keys)
+        self.sharing = sharing
+        self.shared_keys = sharing.shared_keys() if sharing is not None else list(shared_keys)
         self.full_model_rounds = full_model_rounds
         self.observers = list(observers)
         self.global_arrays = ArrayRecord()
@@ -204,11 +220,28 @@ class PartialStrategy(Strategy):
     ) -> Iterable[Message]:
         server_round += self.round_offset
         self.global_arrays = arrays
-        config = ConfigRecord(dict(config) | {"full-model": self.full_model_rounds(server_round)})
+        sharing = self.sharing
+        if sharing is not None:
+            self.shared_keys = sharing.shared_keys()
+            sharing.record(server_round)
+        deciding = sharing is not None and sharing.measures(server_round)
+        measure = sharing is not None and sharing.clients_measure(server_round)
+        full = self.full_model_rounds(server_round) or deciding
+        config = ConfigRecord(dict(config) | {"full-model": full, "lmc-measure": measure})
         messages = self._sampled("train", server_round, grid, self.base.configure_train, arrays, config)
+        if measure and messages:
+            # One RecordDict is shared by all messages: the reference of the personal blocks is added once.
+            messages[0].content[REFERENCE] = select_arrays(arrays, self._personal_keys())
         for observer in self.observers:
             observer.on_train_messages(server_round, messages)
+        if sharing is not None and sharing.dynamic:
+            for observer in self.observers:
+                observer.on_sharing(server_round, sharing.shared_blocks(), list(sharing.blocks))
         return messages
+
+    def _personal_keys(self) -> list[str]:
+        shared = set(self.shared_keys)
+        return [key for key in self.global_arrays if key not in shared]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -224,6 +257,7 @@ class PartialStrategy(Strategy):
                 f"round {server_round}: {len(replies)} valid client updates < federation.min_train_clients"
                 f"={self.base.min_train_nodes}; excluded: {_describe(faults)}"
             )
+        personal = self._decide(server_round, replies)
         for reply in replies:
             if reply.has_content():
                 reply.content = restrict_content(reply.content, self.shared_keys)
@@ -234,9 +268,34 @@ class PartialStrategy(Strategy):
             if shared is None:
                 return None, metrics
             merged = merge_into(self.global_arrays, shared)
+        if personal is not None:
+            merged = merge_into(merged, personal)
         for observer in self.observers:
             observer.on_aggregated(server_round, self.global_arrays, merged)
         return merged, metrics
+
+    def _decide(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+        """In a decision round: the next shared set from the clients' costs, and the sample-weighted
+        average of this round's personal blocks (``None`` in other rounds)."""
+        if self.sharing is None or not self.sharing.measures(server_round) or not replies:
+            return None
+        metrics = [next(iter(reply.content.metric_records.values())) for reply in replies]
+        weights = [float(cast(float, m["num-examples"])) for m in metrics]
+        if self.sharing.clients_measure(server_round):
+            costs = [
+                {
+                    key[len(COST_PREFIX) :]: float(cast(float, v))
+                    for key, v in m.items()
+                    if key.startswith(COST_PREFIX)
+                }
+                for m in metrics
+            ]
+            self.sharing.decide(server_round, costs, weights)
+        keys = self._personal_keys()
+        if not keys:
+            return None
+        contents = [restrict_content(reply.content, keys) for reply in replies]
+        return aggregate_arrayrecords(contents, self.base.weighted_by_key)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

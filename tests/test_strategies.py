@@ -197,6 +197,7 @@ def test_every_algorithm_is_a_short_declaration() -> None:
         "fedbabu",
         "local",
         "partial",
+        "lmc",
     }
     assert all(algorithm.recipe in RECIPES for algorithm in ALGORITHMS.values())
 

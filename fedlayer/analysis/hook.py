@@ -163,6 +163,7 @@ class AnalysisHook:
         self.landscape = CsvLog(run_dir / "landscape.csv", LANDSCAPE_COLUMNS)
         self.pending: list[tuple[int, Any]] = []
         self.failures = 0
+        self.recent: dict[int, list[dict[str, Any]]] = {}  # barrier rows of rounds not read by rows_of yet
         self.worker = self._start_worker(to_toml(cfg))
 
     def _start_worker(self, experiment: str) -> Any:
@@ -205,6 +206,20 @@ class AnalysisHook:
             return
         self.barriers.append(barrier_rows)
         self.landscape.append(landscape_rows)
+        self.recent[server_round] = barrier_rows
+        for old in sorted(self.recent)[:-4]:  # nobody asked for them: bounded memory
+            del self.recent[old]
+
+    def rows_of(self, server_round: int) -> list[dict[str, Any]]:
+        """The barrier rows of ``server_round``, waiting for its analysis if it is still running
+        ([] if it failed)."""
+        if self.use_ray:
+            import ray
+
+            for item in [item for item in self.pending if item[0] == server_round]:
+                ray.wait([item[1]], num_returns=1, timeout=None)
+            self.poll()
+        return self.recent.pop(server_round, [])
 
     def _failed(self, server_round: int, err: Exception) -> None:
         """A failing analysis never stops training unless ``analysis.strict``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedlayer.analysis.hook import GLOBAL
-from fedlayer.readers import midpoint, read_barriers, read_landscape
+from fedlayer.readers import midpoint, read_barriers, read_json, read_landscape
 
 BARRIER = "L(midpoint) − ½[L(A) + L(B)]"
 SIGN = "> 0: worse than the two models, < 0: better"
@@ -246,5 +247,42 @@ def plot_analysis(run_dir: Path) -> list[Path]:
         "barrier_full.png": full_figure(barriers),
         "barrier_cumulative.png": cumulative_figure(barriers),
         "barrier_predicted.png": predicted_figure(read_landscape(run_dir)),
+        "shared_blocks.png": shared_blocks_figure(read_json(run_dir / LAYERS_BY_ROUND)),
     }
     return [save(fig, run_dir / name) for name, fig in figures.items() if fig is not None]
+
+
+LAYERS_BY_ROUND = "layers_by_round.json"
+
+
+def shared_blocks_figure(history: Mapping[str, Any]) -> Figure | None:
+    """Barrier-guided sharing (``lmc``): block x round, shared (green) or personal (white), with the cost
+    of sharing each block measured in decision rounds; from ``layers_by_round.json``."""
+    if not history:
+        return None
+    blocks, rounds = history["blocks"], sorted(history["rounds"], key=int)
+    shared = [set(history["rounds"][r]["shared"]) for r in rounds]
+    grid = np.array([[block in s for s in shared] for block in blocks], dtype=float)
+    fig = Figure(figsize=(max(5.5, 2.0 + 0.3 * len(rounds)), 1.8 + 0.3 * len(blocks)), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1.4, interpolation="nearest")
+    if len(rounds) * len(blocks) <= MAX_ANNOTATED_CELLS:
+        for j, r in enumerate(rounds):
+            for i, block in enumerate(blocks):
+                if (cost := history["rounds"][r]["costs"].get(block)) is not None:
+                    ax.text(j, i, f"{cost:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(len(rounds)), rounds, fontsize=7)
+    ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
+    ax.set_xlabel("round")
+    ax.set_title(
+        "Shared blocks (green) and personal (white) per round\nnumbers: cost of sharing measured that "
+        "round\n(loss increase; strategy.lmc_statistic over clients)",
+        fontsize=9,
+    )
+    return fig
+
+
+def plot_shared_blocks(run_dir: Path) -> Path | None:
+    """``shared_blocks.png`` of an ``lmc`` run (see :func:`shared_blocks_figure`)."""
+    fig = shared_blocks_figure(read_json(Path(run_dir) / LAYERS_BY_ROUND))
+    return save(fig, Path(run_dir) / "shared_blocks.png") if fig is not None else None

@@ -1,0 +1,219 @@
+"""Which blocks the server shares in a round: a fixed set, or one chosen by measured barriers (``lmc``).
+
+Barrier-guided sharing closes the loop between the analysis and the aggregation. On *decision rounds* every
+sampled client reports, for each block l, what moving l halfway to the server's reference costs it on its
+own data: c_l = L(θ_i with block l at ½(θ_i^l + ref^l)) − L(θ_i) (see
+``fedlayer.analysis.sharing.sharing_costs``). The server aggregates the costs over clients (sample-weighted
+mean, max or a quantile) and shares in the next rounds exactly the blocks whose cost is at most
+``strategy.lmc_threshold`` (or the cheapest ``strategy.lmc_share_fraction`` of them). Blocks matched by
+``strategy.exclude`` are never shared, those matched by ``strategy.lmc_always`` always; a norm block follows
+the block it normalizes (the nearest non-norm block before it in the model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+STATISTICS = ("mean", "max", "quantile")
+
+
+@dataclass(frozen=True)
+class LmcRule:
+    """How per-client costs become the next shared set.
+
+    Attributes
+    ----------
+    threshold : float
+        A block is shared when its aggregated cost is at most this (loss units, nats).
+    fraction : float
+        When > 0, share instead the ``ceil(fraction x n)`` cheapest deciding blocks (ties: model order).
+    statistic : str
+        ``mean`` (weighted by the clients' ``num-examples``), ``max``, or ``quantile`` (unweighted).
+    quantile : float
+        The quantile in [0, 1] for ``statistic = "quantile"``.
+    """
+
+    threshold: float = 0.05
+    fraction: float = 0.0
+    statistic: str = "mean"
+    quantile: float = 0.9
+
+    def aggregate(self, costs: Sequence[float], weights: Sequence[float]) -> float:
+        """One block's costs over clients -> one number."""
+        values = np.asarray(costs, dtype=float)
+        if self.statistic == "max":
+            return float(values.max())
+        if self.statistic == "quantile":
+            return float(np.quantile(values, self.quantile))
+        return float(np.average(values, weights=np.asarray(weights, dtype=float)))
+
+    def choose(self, costs: Mapping[str, float]) -> set[str]:
+        """The blocks of ``costs`` (block -> aggregated cost, model order) that are shared."""
+        if self.fraction > 0:
+            ranked = sorted(costs, key=lambda block: (costs[block], list(costs).index(block)))
+            return set(ranked[: math.ceil(self.fraction * len(ranked))])
+        return {block for block, cost in costs.items() if cost <= self.threshold}
+
+
+@dataclass
+class SharingPolicy:
+    """The blocks shared in each round; this base class shares one fixed set for the whole run.
+
+    Parameters
+    ----------
+    blocks : dict[str, list[str]]
+        Every block of the model (module path -> its state-dict keys), in model order.
+    shared : Sequence[str]
+        The blocks shared (before any measurement, for :class:`LmcPolicy`).
+    """
+
+    blocks: dict[str, list[str]]
+    shared: Sequence[str]
+
+    def __post_init__(self) -> None:
+        self.shared = [block for block in self.blocks if block in set(self.shared)]
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the shared set can change during the run (logged per round when it can)."""
+        return False
+
+    def shared_blocks(self) -> list[str]:
+        return list(self.shared)
+
+    def shared_keys(self) -> list[str]:
+        return [key for block in self.shared_blocks() for key in self.blocks[block]]
+
+    def measures(self, server_round: int) -> bool:
+        """Whether ``server_round`` is a decision round (clients send every block up)."""
+        return False
+
+    def clients_measure(self, server_round: int) -> bool:
+        """Whether clients measure their sharing costs in ``server_round``."""
+        return False
+
+    def record(self, server_round: int) -> None:
+        """Remember the set configured for ``server_round`` (a fixed policy has nothing to remember)."""
+
+    def decide(
+        self, server_round: int, client_costs: Sequence[Mapping[str, float]], weights: Sequence[float]
+    ) -> None:
+        """Set the next rounds' shared set from the costs measured in ``server_round`` (fixed: no-op)."""
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must hold to continue the run exactly."""
+        return {}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state` (resume)."""
+
+
+@dataclass
+class LmcPolicy(SharingPolicy):
+    """Barrier-guided sharing: costs measured in decision rounds set the shared set of the next rounds.
+
+    Parameters
+    ----------
+    rule : LmcRule
+        Threshold or fraction, and the statistic over clients.
+    every : int
+        Rounds every, 2·every, ... are decision rounds (every round when 1).
+    always, never : set[str]
+        Blocks always shared (``strategy.lmc_always``) / never shared (``strategy.exclude``).
+    norm : set[str]
+        Norm blocks: they follow the block they normalize instead of deciding by their own cost.
+
+    Attributes
+    ----------
+    history : dict[int, list[str]]
+        Round -> the blocks shared in it (filled as rounds are configured).
+    costs : dict[int, dict[str, float]]
+        Decision round -> aggregated cost per block.
+    """
+
+    rule: LmcRule = field(default_factory=LmcRule)
+    every: int = 1
+    source: str = "clients"  # clients: costs in the train replies; server: the analysis hook's barriers
+    always: set[str] = field(default_factory=set)
+    never: set[str] = field(default_factory=set)
+    norm: set[str] = field(default_factory=set)
+    history: dict[int, list[str]] = field(default_factory=dict)
+    costs: dict[int, dict[str, float]] = field(default_factory=dict)
+    referenced: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.shared = self._constrained(set(self.shared))
+        # A block personal from the start has no server value for clients to measure against until a
+        # decision round has averaged it: it stays personal until then. Pairwise barriers (server) need none.
+        self.referenced = set(self.shared) if self.source == "clients" else set(self.blocks)
+
+    @property
+    def dynamic(self) -> bool:
+        return True
+
+    def measures(self, server_round: int) -> bool:
+        return server_round % self.every == 0
+
+    def clients_measure(self, server_round: int) -> bool:
+        return self.source == "clients" and self.measures(server_round)
+
+    def owner(self, block: str) -> str:
+        """The block a norm block follows: the nearest non-norm block before it (itself if none)."""
+        names = list(self.blocks)
+        before = [name for name in names[: names.index(block)] if name not in self.norm]
+        return before[-1] if block in self.norm and before else block
+
+    def deciding(self) -> list[str]:
+        """Blocks decided by their own cost (not norm followers, not fixed by always / never)."""
+        fixed = self.always | self.never
+        return [block for block in self.blocks if self.owner(block) == block and block not in fixed]
+
+    def decide(
+        self, server_round: int, client_costs: Sequence[Mapping[str, float]], weights: Sequence[float]
+    ) -> None:
+        """Aggregate the clients' costs of ``server_round`` and set the shared set of the next rounds.
+
+        Blocks without a reference yet keep their current state; with a cost missing for any client the
+        set stays as it is."""
+        deciding = [block for block in self.deciding() if block in self.referenced]
+        costs = {
+            block: self.rule.aggregate([c[block] for c in client_costs], weights)
+            for block in deciding
+            if all(block in c for c in client_costs)
+        }
+        self.costs[server_round] = costs
+        if len(costs) == len(deciding) and client_costs:
+            self.shared = self._constrained(self.rule.choose(costs))  # unreferenced blocks are personal
+        self.referenced = set(self.blocks)  # this decision round averaged every block
+
+    def _constrained(self, chosen: set[str]) -> list[str]:
+        """``chosen`` plus always, minus never; norm blocks follow their owner; in model order."""
+        decided = (chosen | self.always) - self.never
+        return [
+            block
+            for block in self.blocks
+            if block not in self.never and (block in self.always or self.owner(block) in decided)
+        ]
+
+    def record(self, server_round: int) -> None:
+        self.history[server_round] = self.shared_blocks()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "shared": list(self.shared),
+            "history": dict(self.history),
+            "costs": dict(self.costs),
+            "referenced": sorted(self.referenced),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.shared = list(state["shared"])
+        self.referenced = set(state["referenced"])
+        self.history = {int(k): list(v) for k, v in state["history"].items()}
+        self.costs = {int(k): dict(v) for k, v in state["costs"].items()}
