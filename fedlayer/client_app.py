@@ -126,7 +126,9 @@ class ClientJob:
         target = self.incoming | (reference.to_torch_state_dict() if reference is not None else {})
         generator = cost_generator(self.cfg, self.partition_id, self.server_round)
         sample = cost_sample(self.train_data.x, self.train_data.y, self.cfg.strategy.lmc_samples, generator)
-        return sharing_costs(self.model, target, model_blocks(self.model), sample, device=self.device)
+        blocks = model_blocks(self.model)
+        alpha = self.cfg.strategy.lmc_alpha
+        return sharing_costs(self.model, target, blocks, sample, device=self.device, alpha=alpha)
 
 
 @app.train()

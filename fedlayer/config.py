@@ -98,6 +98,7 @@ class StrategyConfig:
     lmc_statistic: str = "mean"  # over clients: mean (sample-weighted) | max | quantile
     lmc_quantile: float = 0.9
     lmc_threshold: float = 0.05  # share a block when its cost (loss increase, nats) is <= this
+    lmc_alpha: float = 0.5  # how far each block moves toward the server's value when measured (1 = replaced)
     lmc_share_fraction: float = 0.0  # > 0: share this fraction of blocks with the lowest cost instead
     lmc_always: list[str] = field(default_factory=list)  # block patterns always shared
     server_lr: float = 1.0  # fedavgm / fedadam
@@ -291,6 +292,7 @@ def _check_lmc(cfg: Config) -> None:
     _one_of("strategy.lmc_statistic", s.lmc_statistic, LMC_STATISTICS)
     _check("strategy.lmc_quantile", 0 <= s.lmc_quantile <= 1, s.lmc_quantile, "in [0, 1]")
     _check("strategy.lmc_threshold", s.lmc_threshold >= 0, s.lmc_threshold, ">= 0")
+    _check("strategy.lmc_alpha", 0 < s.lmc_alpha <= 1, s.lmc_alpha, "in (0, 1]")
     fraction = s.lmc_share_fraction
     _check("strategy.lmc_share_fraction", 0 <= fraction <= 1, fraction, "0 (use lmc_threshold) or in (0, 1]")
     if s.name == "lmc" and s.lmc_source == "server":

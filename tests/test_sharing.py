@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from sim_helpers import cli_args, metrics, run
 
 from fedlayer.analysis.evaluate import EvalData, Evaluator
 from fedlayer.analysis.sharing import sharing_costs
@@ -199,3 +203,48 @@ def test_lmc_server_source_needs_the_analysis_in_its_decision_rounds() -> None:
     assert ok.strategy.lmc_source == "server"
     with pytest.raises(ConfigError, match="^strategy.lmc_source: "):
         load_config(None, ["strategy.name='lmc'", "strategy.lmc_source='server'", "analysis.every=2"])
+
+
+# --------------------------------------------------------------------------- a real simulation
+
+LMC_RUN = (
+    "data.partitioner='iid'",
+    "data.label_shift='permute'",  # concept shift: some block must stay client-specific
+    "federation.fraction_train=1.0",
+    "federation.rounds=4",
+    "strategy.name='lmc'",
+    "strategy.lmc_every=2",
+    "strategy.lmc_share_fraction=0.75",  # 3 of the CNN's 4 blocks shared: the most expensive stays personal
+)
+
+
+@pytest.mark.slow
+def test_lmc_keeps_the_expensive_block_personal_deterministically(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """Permuted labels per client: the block with the highest measured cost turns personal in the decision
+    round and stays so; rounds that measure nothing send no personal key up; the same seed twice gives the
+    same shared-set history and metrics."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        run(cli_args(tiny_fmnist, out, *LMC_RUN))
+    history = json.loads((runs[0] / "layers_by_round.json").read_text())
+    assert history == json.loads((runs[1] / "layers_by_round.json").read_text())
+    assert metrics(runs[0]) == metrics(runs[1])
+    rounds = history["rounds"]
+    assert set(rounds) == {"1", "2", "3", "4"} and set(rounds["2"]["costs"]) == {
+        "conv1",
+        "conv2",
+        "fc1",
+        "fc2",
+    }
+    assert not rounds["1"]["costs"] and not rounds["3"]["costs"]  # lmc_every = 2
+    costs = rounds["2"]["costs"]
+    expensive = max(costs, key=costs.__getitem__)
+    assert rounds["3"]["shared"] == [b for b in history["blocks"] if b != expensive]
+    rows = metrics(runs[0])
+    assert [r["shared_blocks"] for r in rows] == [rounds[str(r["round"])]["shared"] for r in rows]
+    assert rows[2]["shared_fraction"] == 0.75
+    model = torch.load(runs[0] / "initial_model.pt", weights_only=True)
+    shared = ArrayRecord({key: value for key, value in model.items() if not key.startswith(f"{expensive}.")})
+    assert rows[0]["bytes_up"] == 4 * ArrayRecord(model).count_bytes()  # round 1: everything shared
+    assert rows[2]["bytes_up"] == 4 * shared.count_bytes()  # round 3: the personal block stays on clients
+    assert (runs[0] / "shared_blocks.png").exists()

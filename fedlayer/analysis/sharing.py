@@ -3,10 +3,11 @@
 For a client model θ and the server's reference θ_ref (the round's incoming global blocks, and the server's
 average of the personal ones), the cost of block l is
 
-    c_l = L(θ with block l at ½(θ^l + θ_ref^l)) − L(θ),
+    c_l = L(θ with block l at (1 − α)·θ^l + α·θ_ref^l) − L(θ),
 
-the midpoint layer barrier of the path from θ toward θ_ref with base θ, normalized by the client's own
-endpoint (θ_ref as a whole is no model of this client's data, so its loss is not part of the measure).
+at α = ½ the midpoint layer barrier of the path from θ toward θ_ref with base θ, normalized by the client's
+own endpoint (θ_ref as a whole is no model of this client's data, so its loss is not part of the measure);
+α = 1 is the cost of replacing the block by the server's value outright.
 L is mean cross-entropy on a seeded sample of the client's local training data. Integer buffers are never
 interpolated; BatchNorm statistics are interpolated like weights.
 """
@@ -29,6 +30,7 @@ def sharing_costs(
     data: EvalData,
     *,
     device: torch.device,
+    alpha: float = 0.5,
 ) -> dict[str, float]:
     """Block -> c_l for every block of ``blocks`` (see the module docstring); one host sync in all.
 
@@ -44,12 +46,14 @@ def sharing_costs(
         The client's evaluation sample.
     device : torch.device
         Where to evaluate.
+    alpha : float
+        How far each block moves toward the reference (½: the midpoint barrier).
     """
     own = {key: value.detach() for key, value in model.state_dict().items()}
     evaluator = Evaluator(model, data, device=device, exact=device.type == "cpu")
     own = evaluator.prepare(own)
     ref = evaluator.prepare(reference)
-    points = [own] + [interpolate(own, ref, 0.5, set(keys), own) for keys in blocks.values()]
+    points = [own] + [interpolate(own, ref, alpha, set(keys), own) for keys in blocks.values()]
     losses = [loss for loss, _ in evaluator.evaluate_many(points)]
     return {block: losses[i + 1] - losses[0] for i, block in enumerate(blocks)}
 
