@@ -1,131 +1,307 @@
-"""Typed experiment configuration: TOML file + ``--set`` overrides, validated with one-line errors."""
+"""Typed experiment configuration: TOML file + ``--set`` overrides, validated with one-line errors.
+
+Every key is declared once, on the dataclasses below: its type (a ``Literal`` lists the allowed words), its
+default, the numbers it allows (:class:`Range`) and a one-line meaning. Validation, the name tuples other
+modules use (``DATASETS``, ``ORDERS``, ...) and the reference (``fedlayer config --reference``,
+``docs/config.md``) are derived from these declarations. Only the standard library is imported here (and
+``tomli_w`` to write TOML), so a config is validated before torch, Flower or Ray load.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100")
-PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "quantity")
-MODELS = ("cnn", "pfllib_cnn", "mlp", "resnet18", "vgg11")
-NORMS = ("none", "batch", "group")
-DEVICES = ("auto", "cpu", "cuda")
-POOLS = ("train", "train+test")
-NORMALIZATIONS = ("dataset", "half")
-LABEL_SHIFTS = ("none", "permute")
-FINETUNES = ("head", "final")
-LMC_SOURCES = ("clients", "server")
-LMC_STATISTICS = ("mean", "max", "quantile")
+Dataset = Literal["fashion_mnist", "mnist", "cifar10", "cifar100"]
+Partitioner = Literal["iid", "dirichlet", "pathological", "shard", "quantity"]
+Pool = Literal["train", "train+test"]
+Normalization = Literal["dataset", "half"]
+LabelShift = Literal["none", "permute"]
+ModelName = Literal["cnn", "pfllib_cnn", "mlp", "resnet18", "vgg11"]
+Norm = Literal["none", "batch", "group"]
+Device = Literal["auto", "cpu", "cuda"]
+# Registries that import torch/flwr (strategies.ALGORITHMS, strategies.AGGREGATORS, models.MODEL_CLASSES)
+# are checked against these in tests, so validating a config needs neither.
+AlgorithmName = Literal[
+    "fedavg", "fedprox", "fedper", "lgfedavg", "fedbn", "fedrep", "fedbabu", "local", "partial", "lmc"
+]
+AggregatorName = Literal[
+    "fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
+]
+Finetune = Literal["head", "final"]
+LmcSource = Literal["clients", "server"]
+LmcStatistic = Literal["mean", "max", "quantile"]
+Pairs = Literal["clients", "global", "both"]
+AnalysisData = Literal["global_test", "pair_train"]
+Order = Literal["shallow", "deep", "random", "minimal"]
+BnMode = Literal["interpolate", "reset"]
+
+DATASETS: tuple[str, ...] = typing.get_args(Dataset)
+PARTITIONERS: tuple[str, ...] = typing.get_args(Partitioner)
+POOLS: tuple[str, ...] = typing.get_args(Pool)
+NORMALIZATIONS: tuple[str, ...] = typing.get_args(Normalization)
+LABEL_SHIFTS: tuple[str, ...] = typing.get_args(LabelShift)
+MODELS: tuple[str, ...] = typing.get_args(ModelName)
+NORMS: tuple[str, ...] = typing.get_args(Norm)
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+ALGORITHM_NAMES: tuple[str, ...] = typing.get_args(AlgorithmName)
+AGGREGATOR_NAMES: tuple[str, ...] = typing.get_args(AggregatorName)
+FINETUNES: tuple[str, ...] = typing.get_args(Finetune)
+LMC_SOURCES: tuple[str, ...] = typing.get_args(LmcSource)
+LMC_STATISTICS: tuple[str, ...] = typing.get_args(LmcStatistic)
+PAIRS: tuple[str, ...] = typing.get_args(Pairs)
+ORDERS: tuple[str, ...] = typing.get_args(Order)
+BN_MODES: tuple[str, ...] = typing.get_args(BnMode)
+
+DEFAULT_MIN_CLIENTS = 2  # Flower's default min_train_nodes
+DEFAULT_PAIR_CLIENTS = 4  # clients analysed per round unless analysis.max_clients says otherwise
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key and what is allowed."""
+    """A bad input (config value, flag, file); the message is one line naming the key and what is allowed.
+
+    Data and selector errors subclass it: the CLI exits with code 2 on any of them.
+    """
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key allows: bounds, each open or closed; ``note`` explains a special value."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    note: str = ""
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int | float):
+            return False
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            text = f"in {left}{self.low:g}, {self.high:g}{right}"
+        elif self.low is not None:
+            text = f"{'>' if self.open_low else '>='} {self.low:g}"
+        else:
+            text = f"{'<' if self.open_high else '<='} {self.high:g}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+POSITIVE = Range(0, open_low=True)
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1, open_low=True)  # (0, 1]
+MOMENTUM = Range(0, 1, open_high=True)  # [0, 1)
+
+
+def setting(default: Any, meaning: str, allowed: Range | None = None) -> Any:
+    """A config key: its default, a one-line meaning and, for numbers, the allowed range."""
+    metadata = {"help": meaning, "range": allowed}
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"
-    root: str = ""  # "" = look up $FEDLAYER_DATA, the Debian dataset path, then download
-    partitioner: str = "dirichlet"
-    alpha: float = 0.3  # Dirichlet concentration (dirichlet) / size concentration (quantity)
-    min_partition_size: int = 10
-    self_balancing: bool = False  # dirichlet: stop giving a class to clients above N/clients (PFLlib's rule)
-    classes_per_client: int = 2  # pathological
-    shards_per_client: int = 2  # shard
-    test_fraction: float = 0.2  # of each client's partition, held out as its local test split
-    max_samples: int = 0  # subsample the training set (seeded); 0 = all
-    max_test_samples: int = 0  # subsample the global test set (seeded); 0 = all
-    # "train": partition the training set, the test set is the server's global test set;
-    # "train+test": pool both (PFLlib); the global test set is the union of the clients' local test splits
-    pool: str = "train"
-    normalize: str = "dataset"  # dataset: its per-channel mean/std; half: mean 0.5, std 0.5 (PFLlib)
-    # none | permute: each client relabels its data by its own seeded permutation (concept shift); client 0
-    # and the global test set keep the dataset's labels, so global accuracy is client 0's view
-    label_shift: str = "none"
+    dataset: Dataset = setting("fashion_mnist", "torchvision dataset")
+    root: str = setting(
+        "",
+        "directory of the dataset in torchvision's layout; empty: $FEDLAYER_DATA, the Debian package, "
+        "then a download",
+    )
+    partitioner: Partitioner = setting(
+        "dirichlet", "how the training pool is split among clients (flwr-datasets)"
+    )
+    alpha: float = setting(
+        0.3, "dirichlet: label concentration; quantity: size concentration (smaller = more skew)", POSITIVE
+    )
+    min_partition_size: int = setting(
+        10, "smallest client partition (dirichlet redraws until every client has it)", AT_LEAST_0
+    )
+    self_balancing: bool = setting(
+        False, "dirichlet: stop giving a class to clients above N/clients samples (PFLlib)"
+    )
+    classes_per_client: int = setting(2, "pathological: classes per client", AT_LEAST_1)
+    shards_per_client: int = setting(2, "shard: label-sorted shards per client", AT_LEAST_1)
+    test_fraction: float = setting(
+        0.2, "share of each client's partition held out as its local test split", Range(0, 1, True, True)
+    )
+    max_samples: int = setting(
+        0, "subsample the training pool to this many samples (seeded)", Range(0, note="0 = all")
+    )
+    max_test_samples: int = setting(0, "subsample the global test set (seeded)", Range(0, note="0 = all"))
+    pool: Pool = setting(
+        "train",
+        "train: partition the training set, its test set is the global one; "
+        "train+test: partition both (PFLlib), the global test set is the union of the local test splits",
+    )
+    normalize: Normalization = setting(
+        "dataset", "dataset: its per-channel mean/std; half: mean 0.5, std 0.5 (PFLlib)"
+    )
+    label_shift: LabelShift = setting(
+        "none",
+        "permute: each client relabels its data by its own seeded permutation (concept shift); client 0 and "
+        "the global test set keep the dataset's labels",
+    )
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"
-    norm: str = "none"  # resnet18 / vgg11: none | batch | group
+    name: ModelName = setting("cnn", "architecture (fedlayer/models.py)")
+    norm: Norm = setting("none", "normalization layers of cnn, pfllib_cnn, resnet18, vgg11 (mlp: none only)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    drop_last: bool = False  # skip each epoch's last partial batch (PFLlib's loaders do)
-    evaluate_before: bool = True  # personalized evaluation before local training (personalized_acc_before)
-    device: str = "auto"
+    epochs: int = setting(1, "local epochs per round", AT_LEAST_1)
+    lr: float = setting(0.05, "client SGD learning rate", POSITIVE)
+    momentum: float = setting(0.9, "client SGD momentum", MOMENTUM)
+    weight_decay: float = setting(0.0, "client SGD weight decay", AT_LEAST_0)
+    batch_size: int = setting(32, "local batch size", AT_LEAST_1)
+    drop_last: bool = setting(False, "skip each epoch's last partial batch (PFLlib's loaders do)")
+    evaluate_before: bool = setting(
+        True, "personalized evaluation before local training (personalized_acc_before)"
+    )
+    device: Device = setting("auto", "where clients train; auto = CUDA when present")
 
 
 @dataclass
 class FederationConfig:
-    clients: int = 10
-    rounds: int = 5
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_train_clients: int = 2
-    client_cpus: float = 1.0
-    client_gpus: float = 0.0
+    clients: int = setting(10, "virtual clients (SuperNodes), one partition each", AT_LEAST_1)
+    rounds: int = setting(5, "federated rounds", AT_LEAST_1)
+    fraction_train: float = setting(
+        1.0, "share of the clients sampled to train each round (seeded)", FRACTION
+    )
+    fraction_evaluate: float = setting(
+        1.0, "share of the clients sampled for personalized evaluation", FRACTION
+    )
+    min_train_clients: int = setting(
+        0,
+        "fewest clients a round needs, and valid updates it aggregates; at most federation.clients",
+        Range(0, note=f"0 = min({DEFAULT_MIN_CLIENTS}, federation.clients)"),
+    )
+    client_cpus: float = setting(1.0, "Ray CPUs per client actor", POSITIVE)
+    client_gpus: float = setting(
+        0.0, "Ray GPU share per client actor (fractions let clients share a GPU)", AT_LEAST_0
+    )
+
+    @property
+    def min_clients(self) -> int:
+        """``min_train_clients`` with 0 resolved to Flower's default, at most every client."""
+        return self.min_train_clients or min(DEFAULT_MIN_CLIENTS, self.clients)
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "fedavg"
-    aggregator: str = "fedavg"
-    shared: list[str] = field(default_factory=list)  # `partial`: block patterns that are averaged
-    exclude: list[str] = field(default_factory=list)
-    proximal_mu: float = 0.01  # fedprox
-    head_epochs: int = 1  # fedrep
-    finetune_steps: int = 10  # fedbabu (finetune = "head"): head steps before every personalized evaluation
-    # fedbabu: "head" = the above; "final" = PFLlib's protocol: no fine-tuning during rounds, the whole model
-    # fine-tuned for finetune_epochs after the last round (its evaluation is the last round's)
-    finetune: str = "head"
-    finetune_epochs: int = 10
-    # lmc (barrier-guided sharing, strategies/sharing.py): `shared` is the set before the first decision
-    lmc_source: str = "clients"  # clients: costs measured by clients on their data; server: analysis hook
-    lmc_every: int = 1  # rounds between decisions (every, 2 x every, ... are decision rounds)
-    lmc_samples: int = 256  # local training samples each client measures its costs on
-    lmc_statistic: str = "mean"  # over clients: mean (sample-weighted) | max | quantile
-    lmc_quantile: float = 0.9
-    lmc_threshold: float = 0.05  # share a block when its cost (loss increase, nats) is <= this
-    lmc_alpha: float = 0.5  # how far each block moves toward the server's value when measured (1 = replaced)
-    lmc_share_fraction: float = 0.0  # > 0: share this fraction of blocks with the lowest cost instead
-    lmc_always: list[str] = field(default_factory=list)  # block patterns always shared
-    server_lr: float = 1.0  # fedavgm / fedadam
-    server_momentum: float = 0.9  # fedavgm
-    trim_beta: float = 0.2  # fedtrimmedavg
+    name: AlgorithmName = setting(
+        "fedavg", "algorithm: which blocks are shared, client recipe (strategies/algorithms.py)"
+    )
+    aggregator: AggregatorName = setting(
+        "fedavg", "Flower strategy that aggregates the shared blocks (fedprox forces fedprox)"
+    )
+    shared: list[str] = setting(
+        [], "partial: block patterns the server averages; lmc: the set before the first decision"
+    )
+    exclude: list[str] = setting([], "block patterns kept personal on top of the algorithm's")
+    proximal_mu: float = setting(0.01, "fedprox: weight of the proximal term", AT_LEAST_0)
+    head_epochs: int = setting(1, "fedrep: head epochs before the body epochs", AT_LEAST_0)
+    finetune: Finetune = setting(
+        "head",
+        "fedbabu: head = fine-tune the head before every personalized evaluation; "
+        "final = fine-tune the whole model after the last round (PFLlib)",
+    )
+    finetune_steps: int = setting(
+        10, "fedbabu (finetune = head): head steps before each personalized evaluation", AT_LEAST_0
+    )
+    finetune_epochs: int = setting(
+        10, "fedbabu (finetune = final): whole-model epochs after the last round", AT_LEAST_0
+    )
+    lmc_source: LmcSource = setting(
+        "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"
+    )
+    lmc_every: int = setting(1, "lmc: rounds between sharing decisions", AT_LEAST_1)
+    lmc_samples: int = setting(
+        256, "lmc: local training samples each client measures its costs on", AT_LEAST_1
+    )
+    lmc_statistic: LmcStatistic = setting(
+        "mean", "lmc: cost over clients: mean (sample-weighted), max, quantile"
+    )
+    lmc_quantile: float = setting(0.9, "lmc (lmc_statistic = quantile): the quantile", Range(0, 1))
+    lmc_threshold: float = setting(
+        0.05, "lmc: share a block when its cost (loss increase, nats) is at most this", AT_LEAST_0
+    )
+    lmc_alpha: float = setting(
+        0.5,
+        "lmc: how far a block moves toward the server's value when its cost is measured (1 = replaced)",
+        Range(0, 1, open_low=True),
+    )
+    lmc_share_fraction: float = setting(
+        0.0,
+        "lmc: share this fraction of blocks, the cheapest, instead",
+        Range(0, 1, note="0 = use lmc_threshold"),
+    )
+    lmc_always: list[str] = setting([], "lmc: block patterns always shared")
+    server_lr: float = setting(1.0, "fedavgm, fedadam, fedyogi, fedadagrad: server learning rate", POSITIVE)
+    server_momentum: float = setting(0.9, "fedavgm: server momentum", MOMENTUM)
+    trim_beta: float = setting(0.2, "fedtrimmedavg: share cut from each end", Range(0, 0.5, open_high=True))
 
 
 @dataclass
 class AnalysisConfig:
-    every: int = 0  # rounds between analyses; 0 = off
-    pairs: str = "clients"  # clients | global | both
-    max_clients: int = 4
-    data: str = "global_test"  # global_test | pair_train
-    samples: int = 2000
-    alphas: list[float] = field(default_factory=list)  # [] = midpoint only
-    cumulative: list[str] = field(default_factory=list)  # shallow | deep | random | minimal
-    random_control: bool = False
-    bn: str = "interpolate"  # interpolate | reset
-    landscape: bool = False
-    num_gpus: float = 0.0
-    num_cpus: float = 0.0
-    strict: bool = False
+    every: int = setting(0, "rounds between layer-wise barrier analyses", Range(0, note="0 = off"))
+    pairs: Pairs = setting(
+        "clients", "clients: all pairs of analysed clients; global: each vs the aggregated model; both"
+    )
+    max_clients: int = setting(
+        0,
+        "clients analysed per round (the first sampled); otherwise 2 to federation.clients",
+        Range(0, note=f"0 = up to {DEFAULT_PAIR_CLIENTS}"),
+    )
+    data: AnalysisData = setting(
+        "global_test", "evaluation data: the global test set, or the pair's local training data"
+    )
+    samples: int = setting(2000, "evaluation samples per pair", AT_LEAST_1)
+    alphas: list[float] = setting(
+        [], "α grid: [] = midpoint only, else at least 2 distinct values", Range(0, 1)
+    )
+    cumulative: list[Order] = setting(
+        [],
+        "cumulative barriers, blocks added one by one: shallow first, deep first, seeded random, "
+        "minimal (first 5 + last 5, then the middle)",
+    )
+    random_control: bool = setting(False, "also along a Gaussian direction of equal norm per block")
+    bn: BnMode = setting(
+        "interpolate", "BatchNorm statistics: interpolated like weights, or re-estimated on the data"
+    )
+    landscape: bool = setting(
+        False, "per-block displacement norms, cosines, curvature and predicted barriers"
+    )
+    num_gpus: float = setting(
+        0.0, "GPU share of the analysis Ray actor (left free beside the client actors')", AT_LEAST_0
+    )
+    num_cpus: float = setting(0.0, "CPUs of the analysis Ray actor", AT_LEAST_0)
+    strict: bool = setting(False, "a failing analysis stops the run (else it is logged and training goes on)")
+
+    @property
+    def pair_clients(self) -> int:
+        """How many of a round's sampled clients are analysed (at most those sampled)."""
+        return self.max_clients or DEFAULT_PAIR_CLIENTS
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = setting(0, "seeds partitions, the initial model, client sampling and batch order", AT_LEAST_0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -134,22 +310,35 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
-def _fields(cls: type) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- building and checking
+
+
+def _fields(cls: Any) -> dict[str, tuple[Any, dataclasses.Field[Any]]]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"list[{_type_name(typing.get_args(kind)[0])}]"
+    if typing.get_origin(kind) is Literal:
+        return "str"
+    return str(kind.__name__)
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """Check ``value`` against the annotation ``kind``; ints are accepted for floats."""
+    """Check ``value``'s type against the annotation ``kind``; ints are accepted for floats."""
     origin = typing.get_origin(kind)
     if origin is list:
         (item,) = typing.get_args(kind)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is Literal:
+        kind = str
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(kind, type) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
     return value
 
@@ -162,7 +351,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         if name not in known:
             kind = "section" if isinstance(value, dict) else "key"
             raise ConfigError(f"{key}: unknown {kind}; allowed: {', '.join(known)}")
-        kind_ = known[name]
+        kind_, _ = known[name]
         if dataclasses.is_dataclass(kind_):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a [{name}] section, got {value!r}")
@@ -170,6 +359,90 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         else:
             kwargs[name] = _coerce(key, value, kind_)
     return cls(**kwargs)
+
+
+def _not_allowed(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def _check_value(key: str, value: Any, kind: Any, allowed: Range | None) -> None:
+    """A value against its declaration: a Literal's words, finiteness of floats, the declared range."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        for i, item in enumerate(value):
+            _check_value(f"{key}[{i}]", item, typing.get_args(kind)[0], allowed)
+    elif origin is Literal:
+        if value not in typing.get_args(kind):
+            raise _not_allowed(key, value, f"choose one of: {', '.join(typing.get_args(kind))}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise _not_allowed(key, value, "must be a finite number")
+    elif allowed is not None and value not in allowed:
+        raise _not_allowed(key, value, f"must be {allowed}")
+
+
+def _check_declared(obj: object, prefix: str = "") -> None:
+    for name, (kind, spec) in _fields(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(kind):
+            _check_declared(value, f"{prefix}{name}.")
+        else:
+            _check_value(f"{prefix}{name}", value, kind, spec.metadata.get("range"))
+
+
+def validate(cfg: Config) -> None:
+    """Every value against its declaration, then what involves several keys."""
+    _check_declared(cfg)
+    f, a = cfg.federation, cfg.analysis
+    if f.min_train_clients > f.clients:
+        raise _not_allowed(
+            "federation.min_train_clients", f.min_train_clients, f"must be <= federation.clients={f.clients}"
+        )
+    if a.max_clients == 1 or (a.every > 0 and a.max_clients > f.clients):
+        raise _not_allowed(
+            "analysis.max_clients",
+            a.max_clients,
+            f"must be 0 (up to {DEFAULT_PAIR_CLIENTS}) or 2 to federation.clients={f.clients}",
+        )
+    s = cfg.strategy
+    if s.name == "lmc" and s.lmc_source == "server" and (a.every == 0 or s.lmc_every % a.every):
+        raise _not_allowed(
+            "strategy.lmc_source",
+            s.lmc_source,
+            "'clients' unless analysis.every > 0 divides strategy.lmc_every ('server' reads the analysis)",
+        )
+    if a.alphas and (len(a.alphas) < 2 or len(set(a.alphas)) != len(a.alphas)):
+        raise _not_allowed(
+            "analysis.alphas", a.alphas, "must be [] (midpoint only) or at least 2 distinct values"
+        )
+
+
+def check_gpus(cfg: Config, available: int, cpus: int) -> None:
+    """The GPU shares a run asks for must fit the ``available`` GPUs of a machine with ``cpus`` CPUs.
+
+    Not part of :func:`validate`: clients validate the same config on machines with other devices.
+    Ray would wait forever for a share that does not fit: a client actor's, or the analysis actor's beside
+    every client actor Ray can place (CPUs / ``client_cpus``, capped by the client GPU shares).
+    """
+    f, a = cfg.federation, cfg.analysis
+    if f.client_gpus > available:
+        gpus = f"must be <= {available} available GPU(s)" if available else "no CUDA device is available"
+        raise _not_allowed("federation.client_gpus", f.client_gpus, gpus)
+    if a.every == 0 or a.num_gpus == 0:
+        return
+    actors = int(cpus // f.client_cpus)
+    if f.client_gpus > 0:
+        actors = min(actors, int(available // f.client_gpus))
+    free = available - actors * f.client_gpus
+    if a.num_gpus > free + 1e-9:
+        raise _not_allowed(
+            "analysis.num_gpus",
+            a.num_gpus,
+            f"must be <= {free:g}: {available} available GPU(s) minus {actors} client actor(s) x "
+            f"federation.client_gpus={f.client_gpus:g}",
+        )
+
+
+# ----------------------------------------------------------------------------- loading and writing
 
 
 def parse_value(text: str) -> Any:
@@ -195,136 +468,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; any reason it cannot be read is a one-line ConfigError naming it."""
+    name = str(path)
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {name!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config: {name!r} is a directory; give an experiment TOML file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config: {name!r} is not UTF-8 text (byte {err.start}); give a TOML file"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config: {name!r} cannot be read ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config: {name} is not valid TOML ({err})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a TOML experiment file (or the defaults), apply ``--set`` overrides and validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config: file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config: {path} is not valid TOML ({err})") from None
-    cfg = _build(Config, apply_overrides(raw, overrides or []), "")
-    validate(cfg)
-    return cfg
+    raw = read_toml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, list(overrides or [])))
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    cfg = _build(Config, raw, "")
+    cfg: Config = _build(Config, raw, "")
     validate(cfg)
     return cfg
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
-
-
-def _check(key: str, ok: bool, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {value!r} is not allowed; must be {allowed}")
-
-
-def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
-    d, m, t, f, a = cfg.data, cfg.model, cfg.train, cfg.federation, cfg.analysis
-    _one_of("data.dataset", d.dataset, DATASETS)
-    _one_of("data.partitioner", d.partitioner, PARTITIONERS)
-    _check("data.alpha", d.alpha > 0, d.alpha, "> 0")
-    _check("data.min_partition_size", d.min_partition_size >= 0, d.min_partition_size, ">= 0")
-    _check("data.classes_per_client", d.classes_per_client >= 1, d.classes_per_client, ">= 1")
-    _check("data.shards_per_client", d.shards_per_client >= 1, d.shards_per_client, ">= 1")
-    _check("data.test_fraction", 0 < d.test_fraction < 1, d.test_fraction, "in (0, 1)")
-    _check("data.max_samples", d.max_samples >= 0, d.max_samples, ">= 0 (0 = all)")
-    _check("data.max_test_samples", d.max_test_samples >= 0, d.max_test_samples, ">= 0 (0 = all)")
-    _one_of("data.pool", d.pool, POOLS)
-    _one_of("data.normalize", d.normalize, NORMALIZATIONS)
-    _one_of("data.label_shift", d.label_shift, LABEL_SHIFTS)
-    _one_of("model.name", m.name, MODELS)
-    _one_of("model.norm", m.norm, NORMS)
-    _check("train.epochs", t.epochs >= 1, t.epochs, ">= 1")
-    _check("train.lr", t.lr > 0, t.lr, "> 0")
-    _check("train.momentum", 0 <= t.momentum < 1, t.momentum, "in [0, 1)")
-    _check("train.weight_decay", t.weight_decay >= 0, t.weight_decay, ">= 0")
-    _check("train.batch_size", t.batch_size >= 1, t.batch_size, ">= 1")
-    _one_of("train.device", t.device, DEVICES)
-    _one_of("strategy.finetune", cfg.strategy.finetune, FINETUNES)
-    s = cfg.strategy
-    _check_lmc(cfg)
-    _check("strategy.finetune_steps", s.finetune_steps >= 0, s.finetune_steps, ">= 0")
-    _check("strategy.finetune_epochs", s.finetune_epochs >= 0, s.finetune_epochs, ">= 0")
-    _check("federation.clients", f.clients >= 1, f.clients, ">= 1")
-    _check("federation.rounds", f.rounds >= 1, f.rounds, ">= 1")
-    _check("federation.fraction_train", 0 < f.fraction_train <= 1, f.fraction_train, "in (0, 1]")
-    _check("federation.fraction_evaluate", 0 < f.fraction_evaluate <= 1, f.fraction_evaluate, "in (0, 1]")
-    _check("federation.min_train_clients", f.min_train_clients >= 1, f.min_train_clients, ">= 1")
-    _check("federation.client_cpus", f.client_cpus > 0, f.client_cpus, "> 0")
-    _check("federation.client_gpus", f.client_gpus >= 0, f.client_gpus, ">= 0")
-    _check("analysis.every", a.every >= 0, a.every, ">= 0 (0 = off)")
-    _one_of("analysis.pairs", a.pairs, ("clients", "global", "both"))
-    _check(
-        "analysis.max_clients",
-        a.max_clients >= 2 and (a.every == 0 or a.max_clients <= f.clients),
-        a.max_clients,
-        f">= 2 and <= federation.clients={f.clients} when analysis.every > 0",
-    )
-    _one_of("analysis.data", a.data, ("global_test", "pair_train"))
-    _check("analysis.samples", a.samples >= 1, a.samples, ">= 1")
-    _check(
-        "analysis.alphas",
-        not a.alphas or (len(a.alphas) >= 2 and all(0 <= x <= 1 for x in a.alphas) and _distinct(a.alphas)),
-        a.alphas,
-        "[] (midpoint only) or at least 2 distinct values in [0, 1]",
-    )
-    for order in a.cumulative:
-        _one_of("analysis.cumulative", order, ("shallow", "deep", "random", "minimal"))
-    _one_of("analysis.bn", a.bn, ("interpolate", "reset"))
-    _check("analysis.num_gpus", a.num_gpus >= 0, a.num_gpus, ">= 0")
-    _check("analysis.num_cpus", a.num_cpus >= 0, a.num_cpus, ">= 0")
-
-
-def _check_lmc(cfg: Config) -> None:
-    s, a = cfg.strategy, cfg.analysis
-    _one_of("strategy.lmc_source", s.lmc_source, LMC_SOURCES)
-    _check("strategy.lmc_every", s.lmc_every >= 1, s.lmc_every, ">= 1")
-    _check("strategy.lmc_samples", s.lmc_samples >= 1, s.lmc_samples, ">= 1")
-    _one_of("strategy.lmc_statistic", s.lmc_statistic, LMC_STATISTICS)
-    _check("strategy.lmc_quantile", 0 <= s.lmc_quantile <= 1, s.lmc_quantile, "in [0, 1]")
-    _check("strategy.lmc_threshold", s.lmc_threshold >= 0, s.lmc_threshold, ">= 0")
-    _check("strategy.lmc_alpha", 0 < s.lmc_alpha <= 1, s.lmc_alpha, "in (0, 1]")
-    fraction = s.lmc_share_fraction
-    _check("strategy.lmc_share_fraction", 0 <= fraction <= 1, fraction, "0 (use lmc_threshold) or in (0, 1]")
-    if s.name == "lmc" and s.lmc_source == "server":
-        _check(
-            "strategy.lmc_source",
-            a.every > 0 and s.lmc_every % a.every == 0,
-            s.lmc_source,
-            "'clients' unless analysis.every > 0 divides strategy.lmc_every ('server' reads the analysis)",
-        )
-
-
-def _distinct(values: list[float]) -> bool:
-    return len(set(values)) == len(values)
-
-
-def check_gpus(cfg: Config, available: int) -> None:
-    """The GPU shares the run asks for must fit the GPUs this machine has.
-
-    Not part of :func:`validate`: clients validate the same config on machines with other devices.
-    Ray schedules at least one client actor beside the analysis actor, so both shares must fit.
-    """
-    f, a = cfg.federation, cfg.analysis
-    analysis_gpus = a.num_gpus if a.every > 0 else 0.0
-    if f.client_gpus > 0 and available == 0:
-        raise ConfigError(
-            f"federation.client_gpus: {f.client_gpus!r} is not allowed; no CUDA device is available"
-        )
-    if analysis_gpus + f.client_gpus > available:
-        raise ConfigError(
-            f"analysis.num_gpus: {a.num_gpus!r} is not allowed; analysis.num_gpus + federation.client_gpus "
-            f"= {analysis_gpus + f.client_gpus:g} must be <= {available} available GPU(s)"
-        )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -332,23 +504,78 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def to_toml(cfg: Config) -> str:
-    """Serialize (top-level scalars first, then one table per section)."""
-    raw = to_dict(cfg)
-    lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+    """The complete config as TOML (for ``config.resolved.toml`` and the ClientApp's messages)."""
+    import tomli_w  # here: the analysis maths imports this module on GPU boxes that may lack it
+
+    return tomli_w.dumps(to_dict(cfg))
+
+
+# ----------------------------------------------------------------------------- reference
 
 
 def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
+    import tomli_w
+
+    return tomli_w.dumps({"v": value}, indent=0).removeprefix("v = ").strip()
 
 
-_ = types  # keep import for get_type_hints on PEP 604 unions
+def _allowed(kind: Any, allowed: Range | None) -> str:
+    if typing.get_origin(kind) is list:
+        return _allowed(typing.get_args(kind)[0], allowed)
+    if typing.get_origin(kind) is Literal:
+        return ", ".join(f"`{v}`" for v in typing.get_args(kind))
+    if kind is bool:
+        return "`true`, `false`"
+    return str(allowed) if allowed is not None else ""
+
+
+def reference_rows(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str, str]]:
+    """(key, type, default, allowed, meaning) of every key, sections after the top-level keys."""
+    rows, sections = [], []
+    defaults = cls()
+    for name, (kind, spec) in _fields(cls).items():
+        if dataclasses.is_dataclass(kind):
+            sections.append((kind, f"{prefix}{name}."))
+            continue
+        value = _toml_value(getattr(defaults, name))
+        rows.append(
+            (
+                f"{prefix}{name}",
+                _type_name(kind),
+                value,
+                _allowed(kind, spec.metadata.get("range")),
+                spec.metadata["help"],
+            )
+        )
+    for kind, section in sections:
+        rows += reference_rows(kind, section)  # type: ignore[arg-type]
+    return rows
+
+
+REFERENCE_INTRO = """\
+# Configuration reference
+
+Generated from the declarations in `fedlayer/config.py` by `fedlayer config --reference`; do not edit
+(a test checks that this file is current).
+
+An experiment is a TOML file: a top-level `seed` and the sections `[data]`, `[model]`, `[train]`,
+`[federation]`, `[strategy]`, `[analysis]`. Every key is optional (its default is below);
+`--set section.key=value` overrides one (the value is TOML: `--set "strategy.shared=['conv*']"`), and
+`fedlayer config EXPERIMENT.toml --set ...` prints the complete resolved config. Floats must be finite.
+A bad value exits with code 2 and one line naming the key and what is allowed.
+"""
+
+
+def reference_markdown() -> str:
+    """Every key with its type, default, allowed values and meaning, as markdown (``docs/config.md``)."""
+    lines = [REFERENCE_INTRO.rstrip()]
+    section = None
+    for key, kind, default, allowed, meaning in reference_rows():
+        current = key.rpartition(".")[0]
+        if current != section:
+            section = current
+            lines += ["", f"## [{section}]" if section else "## Top level", ""]
+            lines += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        cells = (f"`{key}`", kind, f"`{default}`", allowed, meaning)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedlayer.config import Config, config_from_dict, to_toml
+from fedlayer.config import Config, DataConfig, FederationConfig
 from fedlayer.data import (
     ClientSplit,
     TensorData,
@@ -19,6 +21,7 @@ from fedlayer.data import (
     subsample,
     write_partition_report,
 )
+from fedlayer.data.sources import clear_dataset_cache
 from fedlayer.models import build_model
 
 
@@ -52,28 +55,21 @@ class FederatedData:
 
 def federated_data(cfg: Config) -> FederatedData:
     """Load, sub-sample and partition the dataset; cached per (data section, clients, seed)."""
-    return _federated_data(to_toml(_data_view(cfg)))
-
-
-def _data_view(cfg: Config) -> Config:
-    # Only what determines the data: other sections at defaults keep the cache key stable.
-    # analysis.max_clients must stay within [2, clients] or the view fails validation for < 4 clients.
-    analysis = type(cfg.analysis)(max_clients=cfg.analysis.max_clients)
-    return Config(
-        seed=cfg.seed,
-        data=cfg.data,
-        federation=type(cfg.federation)(clients=cfg.federation.clients),
-        analysis=analysis,
-    )
+    return _federated_data(dataclasses.astuple(cfg.data), cfg.federation.clients, cfg.seed)
 
 
 @lru_cache(maxsize=2)
-def _federated_data(key: str) -> FederatedData:
-    import tomllib
-
-    cfg = config_from_dict(tomllib.loads(key))
+def _federated_data(data: tuple[Any, ...], clients: int, seed: int) -> FederatedData:
+    """Cached on what determines the data: the [data] values, the number of clients and the seed."""
+    cfg = Config(seed=seed, data=DataConfig(*data), federation=FederationConfig(clients=clients))
     train, test = load_dataset(cfg.data.dataset, cfg.data.root, normalize=cfg.data.normalize)
     return partitioned(train, test, cfg)
+
+
+def release_data() -> None:
+    """Drop the cached datasets (a process that only checked a config before starting others)."""
+    _federated_data.cache_clear()
+    clear_dataset_cache()
 
 
 def partitioned(train: TensorData, test: TensorData, cfg: Config) -> FederatedData:

@@ -23,13 +23,14 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from fedlayer.config import ConfigError
 from fedlayer.models import GROUPS, block_modules, model_blocks, model_groups, model_name
 
 T = TypeVar("T")
 KIND_HELP = "use a glob (e.g. 'fc*'), 're:<regex>', 'type:<ModuleClass>' or 'group:<head|body|norm>'"
 
 
-class SelectorError(ValueError):
+class SelectorError(ConfigError):
     """A selector that cannot be resolved against a model; the message is one line naming the field."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from logging import INFO
@@ -12,12 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlayer.analysis.hook import GLOBAL, AnalysisHook, check_resources, is_analysis_round
+from fedlayer.analysis.hook import GLOBAL, AnalysisHook, is_analysis_round
 from fedlayer.analysis.plots import LAYERS_BY_ROUND, plot_shared_blocks
 from fedlayer.checkpoint import CLIENT_STATE, checkpointing, load_checkpoint, restore
-from fedlayer.config import Config, ConfigError, load_config, to_toml
+from fedlayer.config import NORMS, Config, ConfigError, check_gpus, load_config, to_toml
 from fedlayer.experiment import FederatedData, federated_data, initial_model
-from fedlayer.layers import Resolution, Selector, resolve
+from fedlayer.layers import Resolution, Selector, SelectorError, resolve
 from fedlayer.models import model_groups
 from fedlayer.report import plot_accuracy
 from fedlayer.results import RoundCallback, RoundRecorder, RunDir, save_arrays
@@ -31,6 +32,14 @@ app = ServerApp()
 def shared_layers(cfg: Config, model: object) -> Resolution:
     """Resolve the algorithm's selector against the model (config errors name strategy.shared)."""
     algorithm = get_algorithm(cfg.strategy)
+    try:  # the algorithm's own personal blocks (FedBN's norm layers): if absent, the model lacks them
+        resolve(Selector(include=list(algorithm.exclude)), model)  # type: ignore[arg-type]
+    except SelectorError:
+        raise ConfigError(
+            f"model.norm: {cfg.model.norm!r} is not allowed with strategy.name = {algorithm.name!r}, which "
+            f"keeps {', '.join(algorithm.exclude)} personal: {cfg.model.name} has no such block; "
+            f"choose one of: {', '.join(n for n in NORMS if n != 'none')}"
+        ) from None
     return resolve(algorithm.selector(cfg.strategy), model, field="strategy.shared")  # type: ignore[arg-type]
 
 
@@ -162,7 +171,10 @@ def analysis_hook(cfg: Config, run: RunDir) -> AnalysisHook | None:
         return None
     import torch
 
-    check_resources(cfg, torch.cuda.device_count())
+    check_gpus(cfg, torch.cuda.device_count(), os.cpu_count() or 1)
+    if cfg.analysis.max_clients == 0:
+        clients = min(cfg.analysis.pair_clients, cfg.federation.clients)
+        log(INFO, "fedlayer: analysis.max_clients = 0: pairs among up to %d sampled clients", clients)
     return AnalysisHook(cfg, run.path)
 
 

@@ -9,21 +9,17 @@ import warnings
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlayer.config import Config, ConfigError
+from fedlayer.config import Config
 from fedlayer.results import RoundCallback, RunDir
 
 
 def backend_config(cfg: Config) -> dict[str, object]:
-    """Ray resources: each client actor asks for ``client_cpus`` / ``client_gpus``."""
+    """Ray resources: each client actor asks for ``client_cpus`` / ``client_gpus`` (checked to fit by
+    :func:`fedlayer.config.check_gpus` before the run starts)."""
     f = cfg.federation
-    gpus = available_gpus()
-    if f.client_gpus > 0 and gpus == 0:
-        raise ConfigError(
-            f"federation.client_gpus: {f.client_gpus} requested but no CUDA device is available"
-        )
     init = {
         "num_cpus": os.cpu_count() or 1,
-        "num_gpus": gpus,
+        "num_gpus": available_gpus(),
         "include_dashboard": False,
         "logging_level": logging.ERROR,
         "log_to_driver": False,

@@ -7,7 +7,7 @@ from typing import Any
 
 from flwr.serverapp import strategy as fl
 
-from fedlayer.config import ConfigError, FederationConfig, StrategyConfig
+from fedlayer.config import FederationConfig, StrategyConfig
 
 Factory = Callable[[StrategyConfig, dict[str, Any]], fl.FedAvg]
 
@@ -31,13 +31,10 @@ def make_aggregator(
     """Build the Flower strategy ``name`` with the federation's sampling settings.
 
     ``common`` carries extra keyword arguments every Flower strategy accepts
-    (e.g. ``evaluate_metrics_aggr_fn``).
+    (e.g. ``evaluate_metrics_aggr_fn``). ``name`` is one of the config's ``AGGREGATOR_NAMES`` (validated
+    there; a test keeps them equal to ``AGGREGATORS``).
     """
-    if name not in AGGREGATORS:
-        raise ConfigError(
-            f"strategy.aggregator: {name!r} is not allowed; choose one of: {', '.join(AGGREGATORS)}"
-        )
-    min_nodes = min(federation.min_train_clients, federation.clients)
+    min_nodes = federation.min_clients
     sampling = {
         "fraction_train": federation.fraction_train,
         "fraction_evaluate": federation.fraction_evaluate,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlayer.analysis.hook import GLOBAL, AnalysisHook, check_resources, is_analysis_round, pairs_of
-from fedlayer.config import AnalysisConfig, ConfigError, load_config
+from fedlayer.analysis.hook import GLOBAL, AnalysisHook, is_analysis_round, pairs_of
+from fedlayer.config import AnalysisConfig, load_config
 from fedlayer.experiment import federated_data, initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,12 @@ def test_pairs_cover_clients_and_global() -> None:
     assert pairs_of(AnalysisConfig(pairs="global", max_clients=2), [2, 0]) == [(0, GLOBAL), (2, GLOBAL)]
     assert [r for r in range(1, 7) if is_analysis_round(AnalysisConfig(every=3), r)] == [3, 6]
     assert not is_analysis_round(AnalysisConfig(every=0), 3)
+
+
+def test_default_max_clients_is_up_to_four_of_the_sampled() -> None:
+    default = AnalysisConfig(every=1)
+    assert pairs_of(default, [7, 1, 3]) == [(1, 3), (1, 7), (3, 7)]
+    assert len(pairs_of(default, list(range(10)))) == 6  # 4 clients: 6 pairs
 
 
 def test_rows_for_every_block_and_base_and_zero_for_identical_models(
@@ -94,14 +100,6 @@ def test_a_failing_analysis_is_logged_not_fatal_unless_strict(tiny_fmnist: Path,
             hook.submit(1, {}, {})
             assert hook.failures == 1
         assert "boom" in (out / "analysis_errors.log").read_text()
-
-
-def test_gpu_share_must_be_left_free(tiny_fmnist: Path) -> None:
-    with pytest.raises(ConfigError, match=r"analysis\.num_gpus: 1\.0 .* exceed the 0 GPU"):
-        check_resources(tiny_config(tiny_fmnist, "analysis.num_gpus=1"), gpus_available=0)
-    check_resources(tiny_config(tiny_fmnist, "analysis.num_gpus=0.5", "federation.client_gpus=0.25"), 2)
-    with pytest.raises(ConfigError, match="analysis.num_gpus"):
-        check_resources(tiny_config(tiny_fmnist, "analysis.num_gpus=0.5", "federation.client_gpus=0.5"), 1)
 
 
 @pytest.mark.slow

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from fedlayer.analysis.evaluate import Evaluator, read_results
+from fedlayer.config import ORDERS
 
 State = Mapping[str, Tensor]
 Blocks = Mapping[str, Sequence[str]]
 BASES = ("a", "b")
-ORDERS = ("shallow", "deep", "random", "minimal")
 MINIMAL_EDGE = 5  # "minimal" order: this many blocks from each end first
 NAN = math.nan
 

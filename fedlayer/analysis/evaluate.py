@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fedlayer.config import BN_MODES
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``(outputs, targets) -> loss summed over the batch`` (a 0-d tensor)."""
 CorrectFn = Callable[[Tensor, Tensor], Tensor]
 """``(outputs, targets) -> number of correct predictions in the batch`` (a 0-d tensor)."""
-BN_MODES = ("interpolate", "reset")
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 

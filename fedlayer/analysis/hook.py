@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import logging
 import os
-import tomllib
 import traceback
 from collections.abc import Sequence
 from itertools import combinations
@@ -25,7 +24,7 @@ import torch
 from fedlayer.analysis.barriers import BarrierRow, barrier_analysis, midpoint_barriers
 from fedlayer.analysis.evaluate import Evaluator
 from fedlayer.analysis.landscape import LandscapeRow, landscape
-from fedlayer.config import AnalysisConfig, Config, ConfigError, config_from_dict, to_toml
+from fedlayer.config import AnalysisConfig, Config
 
 State = dict[str, torch.Tensor]
 GLOBAL = "global"
@@ -41,7 +40,7 @@ def is_analysis_round(cfg: AnalysisConfig, server_round: int) -> bool:
 
 def pairs_of(cfg: AnalysisConfig, clients: Sequence[int]) -> list[tuple[int | str, int | str]]:
     """Client-client pairs among the first ``max_clients`` clients and/or each client vs the global model."""
-    chosen = sorted(clients)[: cfg.max_clients]
+    chosen = sorted(clients)[: cfg.pair_clients]
     pairs: list[tuple[int | str, int | str]] = []
     if cfg.pairs in ("clients", "both"):
         pairs += list(combinations(chosen, 2))
@@ -53,11 +52,11 @@ def pairs_of(cfg: AnalysisConfig, clients: Sequence[int]) -> list[tuple[int | st
 class BarrierWorker:
     """Runs in a Ray actor (or in-process in tests): evaluation data + model template on its device."""
 
-    def __init__(self, experiment: str) -> None:
+    def __init__(self, cfg: Config) -> None:
         from fedlayer.experiment import federated_data, initial_model
         from fedlayer.models import model_blocks
 
-        self.cfg = config_from_dict(tomllib.loads(experiment))
+        self.cfg = cfg
         self.data = federated_data(self.cfg)
         self.device = torch.device("cuda" if self.cfg.analysis.num_gpus > 0 else "cpu")
         self.model = initial_model(self.cfg, self.data.test)
@@ -127,23 +126,6 @@ class CsvLog:
             csv.DictWriter(fh, self.columns, extrasaction="ignore").writerows(rows)
 
 
-def check_resources(cfg: Config, gpus_available: int) -> None:
-    """The analysis actor's GPU share must stay free beside the client actors' (Ray would wait forever)."""
-    f, a = cfg.federation, cfg.analysis
-    if a.num_gpus == 0:
-        return
-    actors = int((os.cpu_count() or 1) // f.client_cpus)
-    if f.client_gpus > 0:
-        actors = min(actors, int(gpus_available // f.client_gpus))
-    clients_share = actors * f.client_gpus
-    if clients_share + a.num_gpus > gpus_available + 1e-9:
-        raise ConfigError(
-            f"analysis.num_gpus: {a.num_gpus} + client actors' GPU shares {clients_share:g} "
-            f"({actors} x federation.client_gpus={f.client_gpus:g}) exceed the {gpus_available} GPU(s) "
-            "available; lower federation.client_gpus or analysis.num_gpus"
-        )
-
-
 class AnalysisHook:
     """Submits each analysis round to the worker and writes its rows as they arrive.
 
@@ -164,18 +146,18 @@ class AnalysisHook:
         self.pending: list[tuple[int, Any]] = []
         self.failures = 0
         self.recent: dict[int, list[dict[str, Any]]] = {}  # barrier rows of rounds not read by rows_of yet
-        self.worker = self._start_worker(to_toml(cfg))
+        self.worker = self._start_worker()
 
-    def _start_worker(self, experiment: str) -> Any:
+    def _start_worker(self) -> Any:
         if not self.use_ray:
-            return BarrierWorker(experiment)
+            return BarrierWorker(self.cfg)
         import ray
 
         if not ray.is_initialized():  # deployment: the ServerApp process has no Ray of its own
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
         a = self.cfg.analysis
         actor = ray.remote(num_cpus=a.num_cpus, num_gpus=a.num_gpus)(BarrierWorker)
-        return actor.remote(experiment)
+        return actor.remote(self.cfg)
 
     def submit(self, server_round: int, models: dict[int | str, State], origin: State) -> None:
         """Queue one round's analysis; returns at once (with Ray), writing what has finished so far."""

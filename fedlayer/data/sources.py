@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from torchvision import datasets as tv
 
+from fedlayer.config import ConfigError
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation: no internet must fail fast, not hang
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A dataset or partitioning request that cannot be met; the message is one line naming the key."""
 
 
@@ -222,6 +224,11 @@ def load_dataset(
     """
     path = find_data_root(name, root, download=download)
     return _load(name, str(path.resolve()), normalize)
+
+
+def clear_dataset_cache() -> None:
+    """Forget the datasets :func:`load_dataset` keeps (their memory is freed once nothing else holds them)."""
+    _load.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)  # Ray actors call load_dataset every round
