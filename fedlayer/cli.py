@@ -1,51 +1,65 @@
-"""``fedlayer`` command line: run | compare | report | deploy | partitions."""
+"""``fedlayer`` command line: run | partitions | compare | report | deploy | config."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlayer.compare import add_parsers as add_compare_parsers
-from fedlayer.compare import cmd_compare, cmd_report
-from fedlayer.config import Config, ConfigError, check_gpus, load_config
+from fedlayer.config import Config, ConfigError, load_config, reference_markdown, to_toml
 from fedlayer.deploy import add_deploy_parser, cmd_deploy
-
-EXIT_BAD_INPUT = 2
+from fedlayer.inputs import (
+    DEFAULT_CONFIG,
+    Parser,
+    add_config,
+    add_out,
+    check_before_start,
+    check_out,
+    load,
+    report_bad_input,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlayer", description=__doc__)
+    parser = Parser(prog="fedlayer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated experiment in Flower's simulation engine")
-    run.add_argument("config", nargs="?", default="experiments/default.toml", help="experiment TOML")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set federation.rounds=3 (repeatable)",
-    )
-    run.add_argument("--out", help="run directory (default: runs/<config>-<timestamp>)")
+    add_config(run)
+    add_out(run, "run directory (default: runs/<config>-<timestamp>)")
     run.add_argument("--overwrite", action="store_true", help="allow writing into an existing run directory")
     run.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue RUN_DIR from its last complete round (--set federation.rounds=N extends it)",
     )
-    parts = sub.add_parser("partitions", help="partition the data as configured and write partition.json/png")
-    parts.add_argument("config", nargs="?", default="experiments/default.toml")
-    parts.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parts.add_argument("--out", default="runs/partitions")
     run.add_argument("--tensorboard", action="store_true", help="per-round scalars to RUN_DIR/tensorboard")
-    add_compare_parsers(sub)
+    parts = sub.add_parser("partitions", help="partition the data as configured and write partition.json/png")
+    add_config(parts)
+    add_out(parts, "output directory: new, empty or a previous partitions output", default="runs/partitions")
+    _add_compare_parsers(sub)
     add_deploy_parser(sub)
+    config = sub.add_parser("config", help="print the resolved config as TOML (--reference: every key)")
+    add_config(config)
+    config.add_argument(
+        "--reference", action="store_true", help="print every key, type, default and meaning as markdown"
+    )
     return parser
+
+
+def _add_compare_parsers(sub: Any) -> None:
+    cmp = sub.add_parser("compare", help="run strategies x seeds and write a table, plots and a report")
+    add_config(cmp, optional=False)
+    cmp.add_argument("--strategies", required=True, help="comma-separated: fedavg,fedper,partial[conv1+fc2]")
+    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    add_out(cmp, "compare directory, new or one to resume (default: runs/compare-<config>)")
+    cmp.add_argument("--tensorboard", action="store_true", help="per-round TensorBoard logs in every run")
+    rep = sub.add_parser("report", help="re-render plots and report of a run or compare directory")
+    rep.add_argument("dir", help="run directory or compare directory")
 
 
 def _default_out(config_path: str) -> Path:
@@ -53,17 +67,20 @@ def _default_out(config_path: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedlayer.progress import RoundProgress
-    from fedlayer.results import RunDir, TensorBoardLog
-    from fedlayer.simulation import simulate
-
     if args.resume:
         cfg, run = _resumed(args)
-        _check_before_start(cfg)
+        check_before_start(cfg)
     else:
-        cfg = load_config(args.config, args.overrides)
-        _check_before_start(cfg)
-        run = RunDir.create(args.out or _default_out(args.config), overwrite=args.overwrite)
+        cfg = load(args)  # validated before torch, Flower and Ray are imported: a bad input fails in < 1 s
+        out = check_out(args.out or _default_out(args.config))
+        check_before_start(cfg)
+        from fedlayer.results import RunDir
+
+        run = RunDir.create(out, overwrite=args.overwrite)
+    from fedlayer.progress import RoundProgress
+    from fedlayer.results import TensorBoardLog
+    from fedlayer.simulation import simulate
+
     with (
         RoundProgress(cfg.federation.rounds) as progress,
         TensorBoardLog(run, enabled=args.tensorboard) as tb,
@@ -104,24 +121,6 @@ def _resumed(args: argparse.Namespace) -> tuple[Config, Any]:
     return cfg, run
 
 
-def _check_before_start(cfg: Config) -> None:
-    """Fail fast on what would otherwise fail inside the simulation (data, partitions, selectors)."""
-    from fedlayer.experiment import federated_data, initial_model
-    from fedlayer.server_app import shared_layers
-    from fedlayer.simulation import available_gpus
-    from strategies import AGGREGATORS, aggregator_name
-
-    check_gpus(cfg, available_gpus())
-
-    aggregator = aggregator_name(cfg.strategy)
-    if aggregator not in AGGREGATORS:
-        raise ConfigError(
-            f"strategy.aggregator: {aggregator!r} is not allowed; choose one of: {', '.join(AGGREGATORS)}"
-        )
-    data = federated_data(cfg)
-    shared_layers(cfg, initial_model(cfg, data.test))
-
-
 def _final_line(row: dict[str, Any]) -> str:
     keys = ("global_acc", "personalized_acc", "personalized_acc_worst10", "train_loss")
     return (
@@ -130,12 +129,17 @@ def _final_line(row: dict[str, Any]) -> str:
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    out = check_out(
+        args.out,
+        reusable=lambda names: all(name.startswith("partition") for name in names),
+        reusable_is="a previous partitions output",
+    )
     from fedlayer.experiment import federated_data
     from fedlayer.results import RunDir
 
-    cfg = load_config(args.config, args.overrides)
     data = federated_data(cfg)
-    run = RunDir.create(args.out, overwrite=True)
+    run = RunDir.create(out, overwrite=True)
     data.write_partition_report(run.path, cfg.data.partitioner)
     for split in data.splits:
         print(f"client {split.partition_id}: {len(split.train_idx)} train / {len(split.test_idx)} test")
@@ -143,12 +147,33 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
+def cmd_config(args: argparse.Namespace) -> int:
+    """The resolved config as TOML, or the reference of every key."""
+    if not args.reference:
+        print(to_toml(load(args)), end="")
+    elif args.config != DEFAULT_CONFIG or args.overrides:
+        raise ConfigError("--reference: lists every key and its default; drop CONFIG and --set")
+    else:
+        print(reference_markdown(), end="")
+    return 0
+
+
+def _compare_command(name: str) -> Callable[[argparse.Namespace], int]:
+    """compare / report, imported when used: their plotting and table libraries slow every other command."""
+
+    def command(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module("fedlayer.compare"), name)(args)
+
+    return command
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "partitions": cmd_partitions,
-    "compare": cmd_compare,
-    "report": cmd_report,
+    "compare": _compare_command("cmd_compare"),
+    "report": _compare_command("cmd_report"),
     "deploy": cmd_deploy,
+    "config": cmd_config,
 }
 
 
@@ -157,17 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except ConfigError as err:  # config values, flags, files, data, layer selectors
+        return report_bad_input(err)
     except RuntimeError as err:
         failed = _round_failure(err)
         if failed is None:
             raise
         print(f"fedlayer: error: {failed}", file=sys.stderr)
         return 1
-    except (ConfigError, ValueError) as err:
-        if not _is_input_error(err):
-            raise
-        print(f"fedlayer: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
 
 
 def _round_failure(err: BaseException | None) -> BaseException | None:
@@ -177,13 +199,6 @@ def _round_failure(err: BaseException | None) -> BaseException | None:
     while err is not None and not isinstance(err, RoundFailedError):
         err = err.__cause__ or err.__context__
     return err
-
-
-def _is_input_error(err: Exception) -> bool:
-    from fedlayer.data import DataError
-    from fedlayer.layers import SelectorError
-
-    return isinstance(err, ConfigError | DataError | SelectorError)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fedlayer.config import ConfigError, load_config, parse_value
+from fedlayer.config import Config, ConfigError, load_config, parse_value
+from fedlayer.inputs import check_before_start, check_out
 
 SPEC = re.compile(r"^(?P<name>[a-z0-9_]+)(\[(?P<shared>[^\]]+)\])?(\{(?P<set>[^}]+)\})?$")
 
@@ -101,14 +101,39 @@ def sweep(
     return runs
 
 
-def _check_inputs(
-    config: str, variants: Sequence[Variant], seeds: Sequence[int], overrides: Sequence[str]
+def check_inputs(
+    config: str, variants: Sequence[Variant], seeds: Sequence[int], overrides: Sequence[str], out: Path
 ) -> None:
-    """Every variant's config must load before anything runs."""
-    if not seeds:
-        raise ConfigError("--seeds: give at least one seed, e.g. 0,1,2")
+    """Everything the sweep needs, before anything is written: every run's config loads, its data partitions
+    and its layer selector resolves against its model, and ``out`` can hold the sweep."""
+    from fedlayer.experiment import release_data
+
+    if not variants:
+        raise ConfigError("--strategies: give at least one strategy, e.g. fedavg,fedper,partial[conv1+fc2]")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: {list(seeds)} must be at least one seed, each once, e.g. 0,1,2")
+    folders = [v.folder for v in variants]
     for variant in variants:
-        load_config(config, [*overrides, *variant.overrides])
+        if folders.count(variant.folder) > 1:
+            raise ConfigError(f"--strategies: {variant.label!r} names the same runs as another strategy")
+    check_out(out, reusable=lambda names: "sweep.json" in names, reusable_is="a compare directory to resume")
+    load_config(config, list(overrides))  # errors of the shared overrides, named without a variant
+    configs = {
+        (v.label, seed): _variant_config(config, v, seed, overrides) for seed in seeds for v in variants
+    }
+    for (label, seed), cfg in configs.items():  # seed by seed: the variants share the cached data
+        try:
+            check_before_start(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"--strategies {label!r}, seed {seed}: {err}") from None
+    release_data()  # the runs are subprocesses; this process only waits for them
+
+
+def _variant_config(config: str, variant: Variant, seed: int, overrides: Sequence[str]) -> Config:
+    try:
+        return load_config(config, [*overrides, *variant.overrides, f"seed={seed}"])
+    except ConfigError as err:
+        raise ConfigError(f"--strategies {variant.label!r}: {err}") from None
 
 
 def compare(
@@ -123,7 +148,7 @@ def compare(
     from fedlayer.report import write_report
 
     variants = [Variant.parse(spec) for spec in specs]
-    _check_inputs(config, variants, seeds, overrides)
+    check_inputs(config, variants, seeds, overrides, out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(out, variants, seeds)
     manifest = {
@@ -139,20 +164,7 @@ def compare(
     write_report(out)
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_parsers(sub: Any) -> None:
-    """Register ``compare`` and ``report`` on the ``fedlayer`` CLI."""
-    cmp = sub.add_parser("compare", help="run strategies x seeds and write a table, plots and a report")
-    cmp.add_argument("config", help="experiment TOML shared by every run")
-    cmp.add_argument("--strategies", required=True, help="comma-separated: fedavg,fedper,partial[conv1+fc2]")
-    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cmp.add_argument("--out", help="compare directory (default: runs/compare-<config>)")
-    cmp.add_argument("--tensorboard", action="store_true", help="per-round TensorBoard logs in every run")
-    rep = sub.add_parser("report", help="re-render plots and report of a run or compare directory")
-    rep.add_argument("dir", help="run directory or compare directory")
+# ----------------------------------------------------------------------------- commands (arguments: cli.py)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -166,10 +178,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _seeds(text: str) -> list[int]:
-    try:
-        return [int(parse_value(s)) for s in text.split(",") if s.strip()]
-    except (TypeError, ValueError):
-        raise ConfigError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+    seeds = [parse_value(s.strip()) for s in text.split(",") if s.strip()]
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"--seeds: {text!r} is not a comma-separated list of integers")
+    return seeds
 
 
 def _split_specs(text: str) -> list[str]:

@@ -30,6 +30,7 @@ from types import FrameType, TracebackType
 from typing import IO, Any
 
 from fedlayer.config import Config, ConfigError, load_config
+from fedlayer.inputs import add_config, add_out, check_before_start, check_out, load, positive_int
 
 HOST = "127.0.0.1"
 CONNECTION = "fedlayer"  # the [superlink.<name>] entry written into the isolated FLWR_HOME
@@ -613,12 +614,9 @@ def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
     local = targets.add_parser(
         "local", help="a real SuperLink and N SuperNodes as processes on 127.0.0.1; `flwr run` submits"
     )
-    local.add_argument("config", nargs="?", default="experiments/default.toml", help="experiment TOML")
-    local.add_argument("--supernodes", type=int, default=2, help="SuperNodes = federation.clients")
-    local.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
-    )
-    local.add_argument("--out", help="run directory (default: runs/<config>-deploy-<timestamp>)")
+    add_config(local)
+    local.add_argument("--supernodes", type=positive_int, default=2, help="SuperNodes = federation.clients")
+    add_out(local, "run directory (default: runs/<config>-deploy-<timestamp>)")
     local.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     local.add_argument("--tls", metavar="CERTDIR", help="serve over TLS with docker/certs.sh certificates")
     local.add_argument("--app", help="Flower app directory (default: this fedlayer checkout)")
@@ -630,16 +628,16 @@ def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """``fedlayer deploy local``: 0 when the run completed, 1 when it failed or the deployment broke."""
-    cfg = load_config(args.config, args.overrides)
+    cfg = load(args)
     forced = deployment_overrides(cfg, args.supernodes)
     if forced:
         print(f"deploy: {args.supernodes} SuperNodes, so setting {', '.join(forced)}")
     overrides = [*args.overrides, *forced]
     cfg = load_config(args.config, overrides)
-    _check_before_start(cfg)
+    check_before_start(cfg)
     tls = TlsFiles.from_dir(args.tls) if args.tls else None
     app_dir = Path(args.app).resolve() if args.app else default_app_dir()
-    out = prepare_out(Path(args.out or _default_out(args.config)), args.overwrite)
+    out = prepare_out(check_out(args.out or _default_out(args.config)), args.overwrite)
     workdir = Path(args.keep_workdir).resolve() if args.keep_workdir else None
     with _terminate_on_sigterm():
         try:
@@ -719,15 +717,6 @@ def _progress_from_metrics(out: Path, update: Callable[[dict[str, Any]], None]) 
                 seen[0] += 1
 
     return tick
-
-
-def _check_before_start(cfg: Config) -> None:
-    """Data, partitions and selectors fail here with one line, not inside a ServerApp process."""
-    from fedlayer.experiment import federated_data, initial_model
-    from fedlayer.server_app import shared_layers
-
-    data = federated_data(cfg)
-    shared_layers(cfg, initial_model(cfg, data.test))
 
 
 def _default_out(config_path: str) -> Path:

@@ -33,6 +33,59 @@ def test_a_variant_carries_its_own_overrides() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("strategies", "seeds", "fragment"),
+    [
+        (
+            "fedavg,partial[nomatch]",
+            "0,1",
+            "--strategies 'partial[nomatch]', seed 0: strategy.shared: pattern",
+        ),
+        (",", "0", "--strategies: give at least one strategy"),
+        ("fedavg,fedavg", "0", "--strategies: 'fedavg' names the same runs"),
+        ("fedavg,fedper{train.lr=inf}", "0", "--strategies 'fedper{train.lr=inf}': train.lr: inf"),
+        ("fedbn", "0", "--strategies 'fedbn', seed 0: model.norm"),
+        ("fedavg", "0,1.5", "--seeds: '0,1.5' is not a comma-separated list of integers"),
+        ("fedavg", "0,0", "--seeds: [0, 0] must be at least one seed, each once"),
+    ],
+)
+def test_every_run_is_checked_before_anything_is_written(
+    strategies: str,
+    seeds: str,
+    fragment: str,
+    tiny_fmnist: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", str(ROOT / "experiments" / "default.toml"), "--strategies", strategies]
+    args += ["--seeds", seeds, "--out", str(out), "--set", f"data.root='{tiny_fmnist}'"]
+    args += ["--set", "data.min_partition_size=5", "--set", "federation.clients=3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+    assert not out.exists()
+
+
+def test_compare_refuses_an_out_that_is_not_a_compare_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "accuracy.png").write_text("a run's plot")
+    args = [
+        "compare",
+        str(ROOT / "experiments" / "default.toml"),
+        "--strategies",
+        "fedavg",
+        "--out",
+        str(run),
+    ]
+    assert main(args) == 2
+    assert "--out: " in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == ["accuracy.png"]
+
+
 @pytest.mark.slow
 def test_compare_two_strategies_two_seeds(
     tiny_fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
