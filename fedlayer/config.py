@@ -54,7 +54,6 @@ AGGREGATOR_NAMES: tuple[str, ...] = typing.get_args(AggregatorName)
 FINETUNES: tuple[str, ...] = typing.get_args(Finetune)
 LMC_SOURCES: tuple[str, ...] = typing.get_args(LmcSource)
 LMC_STATISTICS: tuple[str, ...] = typing.get_args(LmcStatistic)
-PAIRS: tuple[str, ...] = typing.get_args(Pairs)
 ORDERS: tuple[str, ...] = typing.get_args(Order)
 BN_MODES: tuple[str, ...] = typing.get_args(BnMode)
 

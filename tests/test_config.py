@@ -309,11 +309,13 @@ def test_deploy_supernodes_must_be_positive(capsys: pytest.CaptureFixture[str]) 
 
 def test_registries_match_the_config_literals() -> None:
     from fedlayer.analysis import BN_MODES, ORDERS
-    from fedlayer.config import AnalysisConfig
+    from fedlayer.config import DATASETS, AnalysisConfig
+    from fedlayer.data.sources import SPECS
     from fedlayer.models import MODEL_CLASSES
     from strategies import AGGREGATORS, ALGORITHMS
 
     assert tuple(MODEL_CLASSES) == MODELS
+    assert tuple(SPECS) == DATASETS
     assert tuple(AGGREGATORS) == AGGREGATOR_NAMES
     assert tuple(ALGORITHMS) == ALGORITHM_NAMES
     assert {a.aggregator for a in ALGORITHMS.values()} - {None} <= set(AGGREGATOR_NAMES)
