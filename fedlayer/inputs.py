@@ -103,16 +103,17 @@ def check_out(
 
 def check_before_start(cfg: Config) -> None:
     """What would otherwise fail inside a run, after Ray and Flower started: GPU shares, data, partitions,
-    the algorithm's layer selector against the model. One-line ConfigErrors (data and selector errors
-    included)."""
+    the algorithm's layer selectors (and ``lmc``'s) against the model. One-line ConfigErrors (data and
+    selector errors included)."""
     import torch
 
     from fedlayer.experiment import federated_data, initial_model
-    from fedlayer.server_app import shared_layers
+    from fedlayer.server_app import shared_layers, sharing_policy
 
     check_gpus(cfg, torch.cuda.device_count(), os.cpu_count() or 1)
     data = federated_data(cfg)
-    shared_layers(cfg, initial_model(cfg, data.test))
+    model = initial_model(cfg, data.test)
+    sharing_policy(cfg, model, shared_layers(cfg, model))
 
 
 def report_bad_input(err: ConfigError) -> int:

@@ -90,6 +90,11 @@ DATA_CASES: list[tuple[list[str], str, str]] = [
         "strategy.shared",
         "matches no block",
     ),
+    (
+        ["data.min_partition_size=5", "strategy.name='lmc'", "strategy.lmc_always=['nolayer*']"],
+        "strategy.lmc_always",
+        "matches no block",
+    ),
     # FedBN keeps the norm layers personal: a model without any is the model's fault, not strategy.exclude's
     (["data.min_partition_size=5", "strategy.name='fedbn'"], "model.norm", "choose one of: batch, group"),
 ]
