@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing fedlayer
 
-from fedlayer.analysis import Evaluator, blocks_from_modules, layer_barriers
+from fedlayer.analysis import Evaluator, layer_barriers
+from fedlayer.models import model_blocks
 
 Barriers = dict[tuple[str, str], tuple[float, float]]
 
@@ -149,7 +150,7 @@ def compare(name: str, model: nn.Module, x: Tensor, y: Tensor, repeats: int) -> 
     """Time both implementations on the same inputs; assert they agree; return the summary."""
     device = x.device
     sd_a, sd_b = two_states(model, x)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     evaluator = Evaluator(model, (x, y))  # its defaults: batch 2048 on CUDA, 256 on CPU
     naive_s, naive = timed(lambda: naive_layer_barriers(model, sd_a, sd_b, blocks, x, y), device, repeats)
     fast_s, fast = timed(lambda: fast_layer_barriers(evaluator, sd_a, sd_b, blocks), device, repeats)

@@ -46,10 +46,10 @@ from fedlayer.analysis import (
     EvalData,
     Evaluator,
     barrier_analysis,
-    blocks_from_modules,
     landscape,
     layer_barriers,
 )
+from fedlayer.models import model_blocks
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def bench_model(name: str, device: torch.device, sizes: Sizes, tol: float) -> di
     model = build()
     data = random_data(shape, max(sizes.throughput, sizes.barrier), device)
     sd_a, sd_b = two_states(model, data.x)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     result: dict[str, Any] = {
         "blocks": len(blocks),
         "img_per_s": throughput(model, sd_a, data.head(sizes.throughput), sizes),

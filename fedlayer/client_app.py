@@ -7,14 +7,12 @@ node config (``partition-id``).
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlayer.analysis.sharing import cost_sample, sharing_costs
@@ -26,12 +24,10 @@ from fedlayer.models import model_blocks, model_groups
 from fedlayer.training import evaluate, load_state, resolve_device
 from strategies.algorithms import get_algorithm
 from strategies.mechanism import COST_PREFIX, REFERENCE
-from strategies.recipes import RECIPES, LocalTask, personalize
+from strategies.recipes import LocalTask, personalize, train_locally
 
 app = ClientApp()
 PERSONAL = "personal"  # context.state key of the client's personal layers
-# Test-only fault injection: "kind:partition:round[,...]" with kind in raise|nan|inf|shape|missing|extra.
-TEST_FAULT_ENV = "FEDLAYER_TEST_FAULT"
 
 
 @lru_cache(maxsize=4)
@@ -102,7 +98,7 @@ class ClientJob:
         )
 
     def personalized_eval(self, task: LocalTask, *, last_round: bool = False) -> tuple[float, float]:
-        model = personalize(get_algorithm(self.cfg.strategy).recipe, task, last_round=last_round)
+        model = personalize(get_algorithm(self.cfg.strategy), task, last_round=last_round)
         return evaluate(model, self.test_data.x, self.test_data.y, device=self.device)
 
     def state(self, keys: list[str] | None = None) -> ArrayRecord:
@@ -144,12 +140,9 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train(msg: Message, context: Context) -> Message:
     job = ClientJob.from_message(msg, context)
-    fault = _test_fault(job.partition_id, job.server_round)
-    if fault == "raise":
-        raise RuntimeError(f"{TEST_FAULT_ENV}: injected failure")
     task = job.task()
     before = job.personalized_eval(task) if job.cfg.train.evaluate_before else None
-    train_loss = RECIPES[get_algorithm(job.cfg.strategy).recipe](task)
+    train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
     loss_after, acc_after = job.personalized_eval(task)
     context.state[PERSONAL] = job.state(job.kept_keys())
     config = msg.content["config"]
@@ -173,35 +166,8 @@ def _train(msg: Message, context: Context) -> Message:
         reference = msg.content.array_records.get(REFERENCE)
         for block, cost in job.sharing_costs(reference).items():
             metrics[COST_PREFIX + block] = cost
-    arrays = _corrupt(job.state(None if full else job.received), fault)
+    arrays = job.state(None if full else job.received)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
-
-def _test_fault(partition_id: int, server_round: int) -> str:
-    """The fault ``$FEDLAYER_TEST_FAULT`` injects for this client and round ("" = none); tests only."""
-    for item in os.environ.get(TEST_FAULT_ENV, "").split(","):
-        kind, _, where = item.strip().partition(":")
-        if kind and where == f"{partition_id}:{server_round}":
-            return kind
-    return ""
-
-
-def _corrupt(arrays: ArrayRecord, fault: str) -> ArrayRecord:
-    """The reply as a faulty client would send it (test-only)."""
-    if not fault:
-        return arrays
-    first = next(iter(arrays.keys()))
-    value = arrays[first].numpy().astype(np.float32)
-    if fault in ("nan", "inf"):
-        value.flat[0] = np.nan if fault == "nan" else np.inf
-        arrays[first] = Array(value)
-    elif fault == "shape":
-        arrays[first] = Array(np.zeros((*value.shape, 2), dtype=np.float32))
-    elif fault == "missing":
-        del arrays[first]
-    elif fault == "extra":
-        arrays["injected.extra"] = Array(np.zeros(3, dtype=np.float32))
-    return arrays
 
 
 @app.query("partition")

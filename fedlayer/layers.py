@@ -17,16 +17,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from torch import nn
 
 from fedlayer.config import ConfigError
 from fedlayer.models import GROUPS, block_modules, model_blocks, model_groups, model_name
 
-T = TypeVar("T")
 KIND_HELP = "use a glob (e.g. 'fc*'), 're:<regex>', 'type:<ModuleClass>' or 'group:<head|body|norm>'"
 
 
@@ -213,47 +212,3 @@ def resolve(
         personal_params=sum(view.params[block] for block in personal_blocks),
         blocks=view.blocks,
     )
-
-
-def split_state(state: Mapping[str, T], shared_keys: Iterable[str]) -> tuple[dict[str, T], dict[str, T]]:
-    """Split a state dict (or any key -> value mapping) into ``(shared, personal)``, both in its order.
-
-    Raises
-    ------
-    KeyError
-        If a shared key is not in ``state``.
-    """
-    shared = set(shared_keys)
-    missing = sorted(shared - state.keys())
-    if missing:
-        raise KeyError(f"shared keys not in the state: {', '.join(missing)}")
-    return {k: v for k, v in state.items() if k in shared}, {
-        k: v for k, v in state.items() if k not in shared
-    }
-
-
-def merge_state(
-    shared: Mapping[str, T], personal: Mapping[str, T], order: Iterable[str] | None = None
-) -> dict[str, T]:
-    """Join disjoint shared and personal parts, in ``order`` (e.g. the model's state-dict keys) if given.
-
-    Raises
-    ------
-    ValueError
-        If a key is in both parts.
-    KeyError
-        If ``order`` and the union of the parts do not hold the same keys.
-    """
-    overlap = sorted(shared.keys() & personal.keys())
-    if overlap:
-        raise ValueError(f"keys both shared and personal: {', '.join(overlap)}")
-    merged = {**shared, **personal}
-    if order is None:
-        return merged
-    keys = list(order)
-    missing, extra = sorted(set(keys) - merged.keys()), sorted(merged.keys() - set(keys))
-    if missing or extra:
-        raise KeyError(
-            f"state does not match the order; missing: {_list(missing)}; unexpected: {_list(extra)}"
-        )
-    return {key: merged[key] for key in keys}

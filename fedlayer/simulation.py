@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedlayer.config import Config
+from fedlayer.config import Config, ConfigError
 from fedlayer.results import RoundCallback, RunDir
 
 
@@ -27,6 +29,18 @@ def backend_config(cfg: Config) -> dict[str, object]:
     return {"client_resources": {"num_cpus": f.client_cpus, "num_gpus": f.client_gpus}, "init_args": init}
 
 
+def load_client_app(reference: str) -> ClientApp:
+    """The ClientApp at ``module:attribute`` (``federation.client_app``)."""
+    module, _, attribute = reference.partition(":")
+    try:
+        app = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"federation.client_app: cannot load {reference!r} ({err})") from None
+    if not isinstance(app, ClientApp):
+        raise ConfigError(f"federation.client_app: {reference!r} is not a flwr ClientApp")
+    return app
+
+
 def available_gpus() -> int:
     import torch
 
@@ -42,8 +56,9 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    from fedlayer.client_app import app as client_app
     from fedlayer.server_app import run_server
+
+    client_app = load_client_app(cfg.federation.client_app)
 
     server_app = ServerApp()
 

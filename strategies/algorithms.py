@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedlayer.config import ConfigError, StrategyConfig
-from fedlayer.layers import Selector
 
-RECIPES = ("sgd", "fedprox", "fedrep", "fedbabu")
 STATELESS_AGGREGATORS = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
+
+if TYPE_CHECKING:  # the declarations stay importable without torch (config validation)
+    from fedlayer.layers import Selector
 
 
 @dataclass(frozen=True)
@@ -16,8 +18,9 @@ class Algorithm:
     """One personalization algorithm.
 
     ``shared`` are selector patterns of the blocks the server averages (``None``: taken from
-    ``strategy.shared``, for personalization averaging); ``recipe`` is the client's local procedure;
-    ``aggregator`` forces a Flower aggregator (``None``: ``strategy.aggregator``).
+    ``strategy.shared``, for personalization averaging); ``recipe`` names the client's local training and
+    ``personalization`` the model it evaluates as its personalized one (both resolved in
+    :mod:`strategies.recipes`); ``aggregator`` forces a Flower aggregator (``None``: ``strategy.aggregator``).
     """
 
     name: str
@@ -25,10 +28,13 @@ class Algorithm:
     summary: str
     exclude: tuple[str, ...] = ()
     recipe: str = "sgd"
+    personalization: str = "as_is"
     aggregator: str | None = None
     dynamic: bool = False  # the shared set changes during the run (lmc); `shared` is the initial set
 
     def selector(self, strategy: StrategyConfig) -> Selector:
+        from fedlayer.layers import Selector
+
         include = tuple(strategy.shared) if self.shared is None else self.shared
         if self.dynamic and not include:
             include = _ALL
@@ -66,6 +72,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             ("group:body",),
             "head frozen at init, fine-tuned to evaluate (Oh et al., 2022)",
             recipe="fedbabu",
+            personalization="finetune",
         ),
         Algorithm("local", (), "nothing averaged: independent local training"),
         Algorithm(

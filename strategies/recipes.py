@@ -1,4 +1,8 @@
-"""Client recipes: what a client does locally in a round, per algorithm."""
+"""Client recipes: what a client does locally in a round, and which model it evaluates as personalized.
+
+An algorithm declaration (:mod:`strategies.algorithms`) names one entry of :data:`RECIPES` and one of
+:data:`PERSONALIZATIONS`; this module is the one registry that resolves those names.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch import nn
 
 from fedlayer.config import StrategyConfig, TrainConfig
 from fedlayer.training import Proximal, train_epochs
+from strategies.algorithms import Algorithm
 
 
 @dataclass
@@ -66,31 +71,44 @@ def fedbabu(task: LocalTask) -> float:
     return task.run(task.train.epochs, trainable=task.body)
 
 
-RECIPES: dict[str, Callable[[LocalTask], float]] = {
-    "sgd": sgd,
-    "fedprox": fedprox,
-    "fedrep": fedrep,
-    "fedbabu": fedbabu,
-}
+def as_is(task: LocalTask, last_round: bool) -> nn.Module:
+    """The trained model itself."""
+    return task.model
 
 
-def personalize(recipe: str, task: LocalTask, *, last_round: bool = False) -> nn.Module:
-    """The model a client evaluates as its personalized model.
+def finetune(task: LocalTask, last_round: bool) -> nn.Module:
+    """FedBABU: fine-tune on local data first, on a copy so the frozen head stays the federated state.
 
-    FedBABU fine-tunes on local data first, on a copy so the frozen head stays the federated state:
     ``strategy.finetune = "head"`` tunes the head for ``finetune_steps`` steps before every evaluation;
     ``"final"`` (PFLlib's protocol) tunes the whole model for ``finetune_epochs`` epochs, only for the
-    evaluation after the last round. Every other recipe evaluates the model as is.
+    evaluation after the last round.
     """
     strategy = task.strategy
-    if recipe != "fedbabu":
-        return task.model
     if strategy.finetune == "head" and strategy.finetune_steps > 0:
         steps = strategy.finetune_steps
         return _finetuned(task, epochs=steps, trainable=task.head, steps=steps)
     if strategy.finetune == "final" and last_round and strategy.finetune_epochs > 0:
         return _finetuned(task, epochs=strategy.finetune_epochs, trainable=None, steps=0)
     return task.model
+
+
+RECIPES: dict[str, Callable[[LocalTask], float]] = {
+    "sgd": sgd,
+    "fedprox": fedprox,
+    "fedrep": fedrep,
+    "fedbabu": fedbabu,
+}
+PERSONALIZATIONS: dict[str, Callable[[LocalTask, bool], nn.Module]] = {"as_is": as_is, "finetune": finetune}
+
+
+def train_locally(algorithm: Algorithm, task: LocalTask) -> float:
+    """Run the algorithm's local training on ``task``; the mean training loss."""
+    return RECIPES[algorithm.recipe](task)
+
+
+def personalize(algorithm: Algorithm, task: LocalTask, *, last_round: bool = False) -> nn.Module:
+    """The model a client evaluates as its personalized model (``last_round``: after the final round)."""
+    return PERSONALIZATIONS[algorithm.personalization](task, last_round)
 
 
 def _finetuned(task: LocalTask, *, epochs: int, trainable: set[str] | None, steps: int) -> nn.Module:

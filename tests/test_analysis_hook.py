@@ -141,7 +141,8 @@ def run_fedper(data_root: Path, out: Path, *overrides: str, **env: str) -> None:
 
 @pytest.mark.slow
 def test_hook_rows_for_every_round_pair_block_and_base(tiny_fmnist: Path, tmp_path: Path) -> None:
-    """3 rounds, hook every round; the actor fails in round 2 (injected); the run still succeeds."""
+    """3 rounds, hook every round; the analysis of round 2 fails (client 0 sends a malformed personal
+    layer, which only the analysis uses); the run still succeeds."""
     out = tmp_path / "run"
     run_fedper(
         tiny_fmnist,
@@ -149,7 +150,8 @@ def test_hook_rows_for_every_round_pair_block_and_base(tiny_fmnist: Path, tmp_pa
         "federation.rounds=3",
         "analysis.every=1",
         "analysis.pairs='both'",
-        FEDLAYER_TEST_ANALYSIS_FAULT="2",
+        "federation.client_app='tests.fault_injection:app'",
+        FEDLAYER_TEST_FAULT="personal-shape:0:2",
     )
     rows = read_csv(out / "barriers.csv")
     pairs = {("0", "1"), ("0", "2"), ("1", "2"), ("0", GLOBAL), ("1", GLOBAL), ("2", GLOBAL)}
@@ -162,7 +164,8 @@ def test_hook_rows_for_every_round_pair_block_and_base(tiny_fmnist: Path, tmp_pa
         }
         assert layer == {(a, b, block, base) for a, b in pairs for block in blocks for base in ("a", "b")}
     assert not [r for r in rows if r["round"] == "2"]
-    assert "injected analysis fault in round 2" in (out / "analysis_errors.log").read_text()
+    errors = (out / "analysis_errors.log").read_text()
+    assert errors.startswith("round 2:") and "round 1:" not in errors and "round 3:" not in errors
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3
     assert (out / "barrier_heatmap.png").exists()

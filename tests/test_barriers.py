@@ -1,4 +1,4 @@
-"""Barrier library: exact identities of DESIGN.md in exact fp32 (float64 where stated) on CPU."""
+"""Barrier library: the identities of `fedlayer.analysis.barriers` in exact fp32 (float64 where stated)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from fedlayer.analysis import (
     EvalData,
     Evaluator,
     barrier_analysis,
-    blocks_from_modules,
     check_blocks,
     cumulative_barriers,
     cumulative_order,
@@ -30,6 +29,7 @@ from fedlayer.analysis import (
     random_direction,
     random_direction_control,
 )
+from fedlayer.models import model_blocks
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 FAST = settings(max_examples=15, deadline=None)
@@ -120,8 +120,8 @@ def by_path(rows: list[BarrierRow]) -> dict[tuple[str, str, float], BarrierRow]:
     return {(row.base, row.block, row.alpha): row for row in rows}
 
 
-def test_blocks_from_modules_groups_tensors_by_owning_module() -> None:
-    blocks = blocks_from_modules(SmallCNN())
+def test_model_blocks_group_tensors_by_owning_module() -> None:
+    blocks = model_blocks(SmallCNN())
     assert list(blocks) == ["conv1", "bn1", "conv2", "bn2", "fc"]
     assert blocks["bn1"] == [
         "bn1.weight",
@@ -141,7 +141,7 @@ def test_blocks_from_modules_groups_tensors_by_owning_module() -> None:
 def test_interpolate_takes_int_buffers_and_other_blocks_from_base(cnn: tuple) -> None:
     _, a, b = cnn
     b = {**b, "bn1.num_batches_tracked": torch.tensor(7)}
-    keys = set(blocks_from_modules(SmallCNN())["bn1"])
+    keys = set(model_blocks(SmallCNN())["bn1"])
     mid = interpolate(a, b, 0.5, keys, b)
     assert torch.equal(mid["bn1.running_mean"], torch.lerp(a["bn1.running_mean"], b["bn1.running_mean"], 0.5))
     assert mid["bn1.num_batches_tracked"] is b["bn1.num_batches_tracked"]
@@ -183,7 +183,7 @@ def test_one_host_sync_per_evaluation_and_per_analysis(
 ) -> None:
     model, a, b = cnn
     evaluator = exact(model, cnn_data, bn=bn)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     calls = count_host_syncs(monkeypatch)
     evaluator.evaluate(a)
     assert calls == ["tolist"]
@@ -194,7 +194,7 @@ def test_one_host_sync_per_evaluation_and_per_analysis(
 def test_self_barrier_is_zero(cnn: tuple, cnn_data: EvalData) -> None:
     model, a, _ = cnn
     evaluator = exact(model, cnn_data)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     rows = barrier_analysis(evaluator, a, a, blocks, alphas=GRID, cumulative=ORDERS)
     columns = ("barrier", "error_barrier", "path_barrier", "path_error_barrier", "barrier_path_max")
     assert {getattr(row, column) for row in rows for column in columns} == {0.0}
@@ -207,14 +207,14 @@ def test_self_barrier_is_zero_for_any_model(seed: int, bn: str) -> None:
     shape = (20, 6) if bn == "interpolate" else (20, 1, 8, 8)
     data = EvalData(torch.randn(shape), torch.randint(0, 3, (20,)))
     state = trained_state(model, seed)
-    rows = layer_barriers(exact(model, data, bn=bn), state, state, blocks_from_modules(model))
+    rows = layer_barriers(exact(model, data, bn=bn), state, state, model_blocks(model))
     assert {row.barrier for row in rows} == {0.0}
 
 
 @pytest.mark.parametrize("bn", ["interpolate", "reset"])
 def test_barrier_of_a_block_equal_in_both_models_is_zero(cnn: tuple, cnn_data: EvalData, bn: str) -> None:
     model, a, b = cnn
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     b = {**b, **{key: a[key] for key in blocks["conv2"]}}
     rows = layer_barriers(exact(model, cnn_data, bn=bn), a, b, blocks, alphas=GRID)
     equal = [row for row in rows if row.block == "conv2"]
@@ -229,7 +229,7 @@ def test_barrier_of_a_block_equal_in_both_models_is_zero(cnn: tuple, cnn_data: E
 def test_alpha_zero_and_one_reproduce_the_endpoints(cnn: tuple, cnn_data: EvalData) -> None:
     model, a, b = cnn
     evaluator = exact(model, cnn_data, bn="reset")
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     keys = evaluator.keys
     ends = evaluate_endpoints(evaluator, a, b)
     for base in (a, b):
@@ -251,7 +251,7 @@ def test_cumulative_barrier_with_all_blocks_is_the_full_barrier(
 ) -> None:
     model, a, b = cnn
     evaluator = exact(model, cnn_data, bn=bn)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     ends = evaluate_endpoints(evaluator, a, b)
     full = {row.alpha: row for row in full_barrier(evaluator, a, b, blocks, alphas=GRID, endpoints=ends)}
     rows = cumulative_barriers(evaluator, a, b, blocks, order, seed=3, alphas=GRID, endpoints=ends)
@@ -299,7 +299,7 @@ def quadratic_setup(seed: int) -> tuple[Parallel, EvalData, dict[str, Tensor], d
 def test_quadratic_loss_midpoint_barrier_is_minus_an_eighth_of_the_curvature(seed: int) -> None:
     model, data, a, b = quadratic_setup(seed)
     evaluator = exact(model, data, loss_fn=squared_error_sum, correct_fn=None)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     # L = mean ‖f_θ(x) − y‖², f linear in θ: ΔᵀHΔ = 2·mean ‖f_Δ(x)‖² along any block's Δ
     deltas = {k: b[k] - a[k] for k in a}
 
@@ -328,7 +328,7 @@ def test_random_direction_preserves_every_tensor_norm(cnn: tuple) -> None:
         assert abs(cosine) < 0.9
     again = random_direction(a, b, params, seed=5)
     assert all(torch.equal(again[k], directions[k]) for k in directions)
-    for block, keys in blocks_from_modules(model).items():
+    for block, keys in model_blocks(model).items():
         norm = sum(directions[k].pow(2).sum() for k in keys if k in directions) ** 0.5
         real = sum((b[k] - a[k]).pow(2).sum() for k in keys if k in directions) ** 0.5
         assert float(norm) == pytest.approx(float(real), rel=1e-5), block
@@ -337,7 +337,7 @@ def test_random_direction_preserves_every_tensor_norm(cnn: tuple) -> None:
 def test_random_control_rows(cnn: tuple, cnn_data: EvalData) -> None:
     model, a, b = cnn
     evaluator = exact(model, cnn_data)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     ends = evaluate_endpoints(evaluator, a, b)
     rows = random_direction_control(evaluator, a, b, blocks, alphas=GRID, seed=1)
     assert {row.kind for row in rows} == {"random"}
@@ -404,7 +404,7 @@ def test_bn_reset_re_estimates_running_stats_on_the_data(cnn: tuple, cnn_data: E
 def test_rows_layout_and_as_dict(cnn: tuple, cnn_data: EvalData) -> None:
     model, a, b = cnn
     evaluator = exact(model, cnn_data)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     rows = layer_barriers(evaluator, a, b, blocks)
     assert [(row.base, row.block) for row in rows] == [(base, name) for base in "ab" for name in blocks]
     assert all(math.isnan(row.path_barrier) and math.isnan(row.barrier_path_max) for row in rows)
@@ -434,7 +434,7 @@ def test_rows_layout_and_as_dict(cnn: tuple, cnn_data: EvalData) -> None:
 def test_invalid_arguments_name_the_field(cnn: tuple, cnn_data: EvalData) -> None:
     model, a, b = cnn
     evaluator = exact(model, cnn_data)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     with pytest.raises(ValueError, match="analysis.alphas"):
         layer_barriers(evaluator, a, b, blocks, alphas=(0.5, 1.5))
     with pytest.raises(ValueError, match="bases"):
@@ -448,8 +448,6 @@ def test_invalid_arguments_name_the_field(cnn: tuple, cnn_data: EvalData) -> Non
 def test_state_dicts_and_template_are_left_untouched(cnn: tuple, cnn_data: EvalData) -> None:
     model, a, b = cnn
     copies = [{k: v.clone() for k, v in s.items()} for s in (a, b, model.state_dict())]
-    barrier_analysis(
-        exact(model, cnn_data, bn="reset"), a, b, blocks_from_modules(model), random_control=True
-    )
+    barrier_analysis(exact(model, cnn_data, bn="reset"), a, b, model_blocks(model), random_control=True)
     for before, after in zip(copies, (a, b, model.state_dict()), strict=True):
         assert all(torch.equal(before[k], after[k]) for k in before)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from flwr.app import ArrayRecord
@@ -86,7 +87,7 @@ class Finished:
 
 def run_deploy(out: Path, overrides: list[str], *extra: str, timeout: int = 300) -> Finished:
     """`fedlayer deploy local` with 2 SuperNodes; FLWR_HOME and the logs stay in ``out``/../work."""
-    args = cli("fedlayer.deploy", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
+    args = cli("fedlayer.cli", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
     args += ["--out", str(out), "--timeout", str(timeout - 30), "--keep-workdir", str(out.parent / "work")]
     args += [*extra, *with_sets(overrides)]
     started = time.perf_counter()
@@ -104,32 +105,31 @@ FLOWER = (
 )
 
 
-def flower_processes() -> dict[str, tuple[str, str, str]]:
-    """pid -> (state, command line, environment) of the Flower processes on this machine."""
+def flower_processes() -> dict[int, tuple[str, str, str]]:
+    """pid -> (status, command line, environment) of the Flower processes on this machine."""
     found = {}
-    for proc in Path("/proc").glob("[0-9]*"):
+    for proc in psutil.process_iter():
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            name = (proc / "comm").read_text().strip()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            environ = (proc / "environ").read_bytes().decode(errors="replace") if state != "Z" else ""
-        except (OSError, IndexError):
+            name, status = proc.name(), proc.status()
+            cmd = " ".join(proc.cmdline()) if status != psutil.STATUS_ZOMBIE else name
+            environ = proc.environ() if status != psutil.STATUS_ZOMBIE else {}
+        except psutil.Error:
             continue
         if any(n.startswith(name) or n in cmd for n in FLOWER):
-            found[proc.name] = (state, cmd or name, environ)
+            found[proc.pid] = (status, cmd or name, " ".join(f"{k}={v}" for k, v in environ.items()))
     return found
 
 
-ZOMBIES_BEFORE = {pid for pid, (state, _, _) in flower_processes().items() if state == "Z"}
+ZOMBIES_BEFORE = {pid for pid, (status, _, _) in flower_processes().items() if status == psutil.STATUS_ZOMBIE}
 
 
 def leftovers(marker: Path) -> list[str]:
     """Flower processes still alive whose FLWR_HOME is under ``marker``, and new Flower zombies (nobody
     reaped them). Other sessions' Flower processes do not count."""
     return [
-        f"{pid} {state} {cmd}"
-        for pid, (state, cmd, environ) in flower_processes().items()
-        if (state == "Z" and pid not in ZOMBIES_BEFORE) or str(marker) in environ
+        f"{pid} {status} {cmd}"
+        for pid, (status, cmd, environ) in flower_processes().items()
+        if (status == psutil.STATUS_ZOMBIE and pid not in ZOMBIES_BEFORE) or str(marker) in environ
     ]
 
 
@@ -300,7 +300,7 @@ def test_tls_deployment(tiny_fmnist: Path, tmp_path: Path) -> None:
 
 @slow
 def test_ctrl_c_shuts_the_deployment_down(tiny_fmnist: Path, tmp_path: Path) -> None:
-    args = cli("fedlayer.deploy", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
+    args = cli("fedlayer.cli", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
     args += ["--out", str(tmp_path / "run"), "--keep-workdir", str(tmp_path / "work")]
     args += with_sets(experiment(tiny_fmnist, rounds=5))
     proc = subprocess.Popen(

@@ -166,6 +166,7 @@ def test_faulty_clients_in_a_real_simulation(tiny_fmnist: Path, tmp_path: Path) 
         "federation.rounds=3",
         "train.batch_size=16",
         "federation.min_train_clients=2",
+        "federation.client_app='tests.fault_injection:app'",
     ]
     args = [sys.executable, "-m", "fedlayer.cli", "run", "experiments/default.toml", "--out", str(out)]
     env = os.environ | {

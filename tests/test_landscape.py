@@ -16,12 +16,12 @@ from fedlayer.analysis import (
     EvalData,
     Evaluator,
     barrier_analysis,
-    blocks_from_modules,
     directional_curvature,
     landscape,
     layer_barriers,
     midpoint_barriers,
 )
+from fedlayer.models import model_blocks
 
 
 class MLP(nn.Module):
@@ -115,7 +115,7 @@ def test_prediction_equals_measured_barrier_for_a_quadratic_loss(seed: int, hess
     a, b = states(model, 1.0, seed)
     data = EvalData(torch.randn(40, 5, dtype=torch.float64), torch.randn(40, 2, dtype=torch.float64))
     evaluator = exact(model, data, loss_fn=squared_error_sum, correct_fn=None)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     rows = barrier_analysis(evaluator, a, b, blocks, alphas=(0.0, 0.5, 1.0))
     measured = {**midpoint_barriers(rows, base="b"), "*": midpoint_barriers(rows, kind="full", base="")[""]}
     result = landscape(evaluator, a, b, blocks, hessian_at=hessian_at, samples=None, measured=measured)
@@ -126,7 +126,7 @@ def test_prediction_equals_measured_barrier_for_a_quadratic_loss(seed: int, hess
 
 
 def relative_errors(evaluator: Evaluator, model: nn.Module, scale: float, base: str) -> list[float]:
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     a, b = states(model, scale, seed=3)
     measured = midpoint_barriers(layer_barriers(evaluator, a, b, blocks, alphas=(0, 0.5, 1)), base=base)
     rows = landscape(evaluator, a, b, blocks, hessian_at=base, samples=None, measured=measured)
@@ -150,7 +150,7 @@ def test_norms_and_cosines() -> None:
     data = classification()
     origin, a = states(model, 1.0, seed=4)
     _, b = states(model, 1.0, seed=5)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     rows = {row.block: row for row in landscape(exact(model, data), a, b, blocks, origin=origin)}
     for block, keys in blocks.items():
         delta = torch.cat([(b[k] - a[k]).flatten() for k in keys])
@@ -170,7 +170,7 @@ def test_buffers_stay_out_of_the_direction_and_bn_reset_runs(monkeypatch: pytest
     model = NormCNN()
     a, b = states(model, 0.3, seed=6)
     data = EvalData(torch.randn(24, 1, 6, 6), torch.randint(0, 2, (24,)))
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     calls: list[int] = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or tolist(self))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedlayer.layers import Resolution, Selector, SelectorError, merge_state, resolve, split_state
+from fedlayer.layers import Resolution, Selector, SelectorError, resolve
 from fedlayer.models import build_model, model_groups
 
 
@@ -144,21 +144,3 @@ def test_describe_and_json(cnn: nn.Module) -> None:
     data = json.loads(json.dumps(res.to_json()))
     assert data["shared_keys"] == res.shared_keys and data["personal_blocks"] == ["fc2"]
     assert data["include"] == ["body"] and data["model"] == "cnn"
-
-
-def test_split_and_merge_state_roundtrip(resnet: nn.Module) -> None:
-    state = resnet.state_dict()
-    res = resolve(Selector(["*"], ["norm"]), resnet)
-    shared_part, personal_part = split_state(state, res.shared_keys)
-    assert list(shared_part) == res.shared_keys and list(personal_part) == res.personal_keys
-    merged = merge_state(shared_part, personal_part, order=state)
-    assert list(merged) == list(state) and all(merged[k] is state[k] for k in state)
-
-
-def test_split_and_merge_state_errors() -> None:
-    with pytest.raises(KeyError, match="shared keys not in the state: c"):
-        split_state({"a": 1, "b": 2}, ["c"])
-    with pytest.raises(ValueError, match="keys both shared and personal: a"):
-        merge_state({"a": 1}, {"a": 2})
-    with pytest.raises(KeyError, match="missing: c; unexpected: none"):
-        merge_state({"a": 1}, {"b": 2}, order=["a", "b", "c"])

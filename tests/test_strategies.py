@@ -13,7 +13,7 @@ from fedlayer.config import ConfigError, StrategyConfig, TrainConfig
 from fedlayer.layers import resolve
 from fedlayer.models import build_model, model_blocks, model_groups
 from strategies import ALGORITHMS, PartialStrategy, get_algorithm, merge_into, restrict_content
-from strategies.recipes import RECIPES, LocalTask, personalize
+from strategies.recipes import PERSONALIZATIONS, RECIPES, LocalTask, personalize
 
 
 @pytest.fixture(autouse=True)
@@ -200,6 +200,7 @@ def test_every_algorithm_is_a_short_declaration() -> None:
         "lmc",
     }
     assert all(algorithm.recipe in RECIPES for algorithm in ALGORITHMS.values())
+    assert all(algorithm.personalization in PERSONALIZATIONS for algorithm in ALGORITHMS.values())
 
 
 def local_task(model: torch.nn.Module, **strategy: object) -> LocalTask:
@@ -239,7 +240,7 @@ def test_fedbabu_trains_only_the_body_and_fine_tunes_a_copy_of_the_head() -> Non
         "fc1.bias",
     }
     after_training = {k: v.clone() for k, v in model.state_dict().items()}
-    tuned = personalize("fedbabu", task)
+    tuned = personalize(ALGORITHMS["fedbabu"], task)
     assert changed(after_training, tuned) == {"fc2.weight", "fc2.bias"}
     assert not changed(after_training, model)
 
@@ -249,8 +250,8 @@ def test_fedbabu_final_protocol_tunes_the_whole_model_after_the_last_round_only(
     model = cnn()
     task = local_task(model, name="fedbabu", finetune="final", finetune_epochs=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert personalize("fedbabu", task, last_round=False) is model
-    tuned = personalize("fedbabu", task, last_round=True)
+    assert personalize(ALGORITHMS["fedbabu"], task, last_round=False) is model
+    tuned = personalize(ALGORITHMS["fedbabu"], task, last_round=True)
     assert changed(before, tuned) == set(before)
     assert not changed(before, model)
 

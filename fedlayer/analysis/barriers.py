@@ -1,9 +1,9 @@
 """Layer-wise linear mode connectivity: loss barriers between two models of one architecture.
 
-Notation of DESIGN.md ("Layer-wise barrier analysis"): for a set S of blocks and a base b ∈ {a, b} the path
-θ_b^S(α) sets every block in S to (1−α)·θ_A + α·θ_B and leaves all other blocks at θ_b. Every function here
-evaluates the two endpoint models once, queues all path evaluations on the evaluator's device and reads
-them back with one host sync.
+Notation: for a set S of blocks and a base b ∈ {a, b} the path θ_b^S(α) sets every block in S to
+(1−α)·θ_A + α·θ_B and leaves all other blocks at θ_b. Every function here evaluates the two endpoint
+models once, queues all path evaluations on the evaluator's device and reads them back with one host
+sync.
 
 Rows (:class:`BarrierRow`, one per path and α) keep the raw losses, so any normalization can be recomputed:
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedlayer.analysis.evaluate import Evaluator, read_results
 from fedlayer.config import ORDERS
@@ -36,15 +36,6 @@ Blocks = Mapping[str, Sequence[str]]
 BASES = ("a", "b")
 MINIMAL_EDGE = 5  # "minimal" order: this many blocks from each end first
 NAN = math.nan
-
-
-def blocks_from_modules(model: nn.Module) -> dict[str, list[str]]:
-    """Block name (path of the module that directly owns the tensors, e.g. ``layer1.0.bn1``) -> its
-    state-dict keys (parameters and buffers), shallow to deep in state-dict (registration) order."""
-    blocks: dict[str, list[str]] = {}
-    for key in model.state_dict():
-        blocks.setdefault(key.rpartition(".")[0], []).append(key)
-    return blocks
 
 
 def check_blocks(blocks: Blocks, keys: Collection[str]) -> None:

@@ -82,8 +82,6 @@ class BarrierWorker:
         self, server_round: int, models: dict[int | str, State], origin: State
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Barrier rows and landscape rows of every configured pair of ``models``."""
-        if os.environ.get("FEDLAYER_TEST_ANALYSIS_FAULT") == str(server_round):  # test-only fault injection
-            raise RuntimeError(f"injected analysis fault in round {server_round}")
         a_cfg = self.cfg.analysis
         clients = [c for c in models if c != GLOBAL]
         barrier_rows, landscape_rows = [], []

@@ -1,0 +1,190 @@
+"""``fedlayer deploy local``: the experiment on Flower's Deployment Engine, all processes on 127.0.0.1.
+
+One ``flower-superlink`` and N ``flower-supernode`` processes (each with ``partition-id=i
+num-partitions=N`` in its node config), the run submitted with ``flwr run`` against an isolated
+``FLWR_HOME`` (see :mod:`fedlayer.deploy.local` and :mod:`fedlayer.deploy.flwr_cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fedlayer.config import Config, ConfigError, load_config
+from fedlayer.deploy.flwr_cli import DeployError, RunOutcome, tail
+from fedlayer.deploy.local import HOST, LocalDeployment, TlsFiles, default_app_dir
+from fedlayer.inputs import add_config, add_out, check_before_start, check_out, load, positive_int
+
+
+def deployment_overrides(cfg: Config, supernodes: int) -> list[str]:
+    """Overrides that make the config fit ``supernodes`` SuperNodes (``federation.clients`` = N)."""
+    extra = []
+    if cfg.federation.clients != supernodes:
+        extra.append(f"federation.clients={supernodes}")
+    if cfg.analysis.max_clients > supernodes:
+        extra.append(f"analysis.max_clients={supernodes}")
+    return extra
+
+
+def run_config(config: Path, overrides: Sequence[str], out: Path) -> dict[str, str]:
+    """The app's run config (pyproject ``[tool.flwr.app.config]``): config file, overrides, run dir."""
+    bad = [item for item in overrides if ";" in item]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: ';' separates overrides in the run config; drop it")
+    return {"config": str(config.resolve()), "overrides": ";".join(overrides), "out": str(out.resolve())}
+
+
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    """An empty run directory (the ServerApp refuses a non-empty one); --overwrite clears an old run."""
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out: run directory {str(out)!r} exists and is not empty; pass --overwrite")
+        if not any((out / name).exists() for name in ("config.resolved.toml", "metrics.jsonl")):
+            raise ConfigError(f"--out: {str(out)!r} is not a fedlayer run directory; not clearing it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``deploy local CONFIG --supernodes N ...`` to the ``fedlayer`` subcommands."""
+    deploy = subparsers.add_parser("deploy", help="run the experiment on Flower's Deployment Engine")
+    targets = deploy.add_subparsers(dest="target", required=True)
+    local = targets.add_parser(
+        "local", help="a real SuperLink and N SuperNodes as processes on 127.0.0.1; `flwr run` submits"
+    )
+    add_config(local)
+    local.add_argument("--supernodes", type=positive_int, default=2, help="SuperNodes = federation.clients")
+    add_out(local, "run directory (default: runs/<config>-deploy-<timestamp>)")
+    local.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    local.add_argument("--tls", metavar="CERTDIR", help="serve over TLS with docker/certs.sh certificates")
+    local.add_argument("--app", help="Flower app directory (default: this fedlayer checkout)")
+    local.add_argument("--timeout", type=float, default=0.0, help="seconds before giving up (0 = none)")
+    local.add_argument("--keep-workdir", metavar="DIR", help="keep FLWR_HOME and process logs in DIR")
+    local.add_argument("--verbose", action="store_true", help="print the ServerApp log as it streams")
+    return deploy
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """``fedlayer deploy local``: 0 when the run completed, 1 when it failed or the deployment broke."""
+    cfg = load(args)
+    forced = deployment_overrides(cfg, args.supernodes)
+    if forced:
+        print(f"deploy: {args.supernodes} SuperNodes, so setting {', '.join(forced)}")
+    overrides = [*args.overrides, *forced]
+    cfg = load_config(args.config, overrides)
+    check_before_start(cfg)
+    tls = TlsFiles.from_dir(args.tls) if args.tls else None
+    app_dir = Path(args.app).resolve() if args.app else default_app_dir()
+    out = prepare_out(check_out(args.out or _default_out(args.config)), args.overwrite)
+    workdir = Path(args.keep_workdir).resolve() if args.keep_workdir else None
+    with _terminate_on_sigterm():
+        try:
+            outcome = _deploy_and_run(
+                args, cfg, app_dir, tls, workdir, run_config(Path(args.config), overrides, out)
+            )
+        except DeployError as err:
+            print(f"fedlayer deploy: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("fedlayer deploy: interrupted; the deployment was shut down", file=sys.stderr)
+            return 130
+    return report(outcome, out)
+
+
+def _deploy_and_run(
+    args: argparse.Namespace,
+    cfg: Config,
+    app_dir: Path,
+    tls: TlsFiles | None,
+    workdir: Path | None,
+    rc: dict[str, str],
+) -> RunOutcome:
+    from fedlayer.progress import RoundProgress
+
+    out = Path(rc["out"])
+    mode = "TLS" if tls else "insecure"
+    print(f"deploy: starting a SuperLink ({mode}) and {args.supernodes} SuperNodes on {HOST}")
+    with LocalDeployment(args.supernodes, app_dir, tls, workdir) as deployment:
+        run_id = deployment.submit(rc)
+        print(f"deploy: run {run_id} submitted; run directory {out}")
+        try:
+            with RoundProgress(cfg.federation.rounds) as progress:
+                tick = _progress_from_metrics(out, progress.update)
+                echo = sys.stdout if args.verbose else None
+                outcome = deployment.wait(run_id, timeout=args.timeout, on_tick=tick, echo=echo)
+        except BaseException:
+            deployment.stop_run(run_id)
+            deployment.collect(out)
+            raise
+        deployment.collect(out)
+    return outcome
+
+
+def report(outcome: RunOutcome, out: Path) -> int:
+    """Write ``deploy.json``, print the outcome; the exit code (1 unless the run completed)."""
+    from fedlayer.results import RunDir
+
+    run = RunDir(out)
+    summary = {"run_id": outcome.run_id, "status": outcome.status, "details": outcome.details}
+    run.write_json("deploy.json", summary | {"seconds": outcome.seconds})
+    print(f"run directory: {out}")
+    if not outcome.ok:
+        print(f"deploy: run {outcome.run_id} {outcome.status}: {outcome.details}", file=sys.stderr)
+        print(tail(out / "flower.log"), file=sys.stderr)
+        return 1
+    rows = run.read_jsonl()
+    if rows:
+        last = rows[-1]
+        keys = [k for k in ("global_acc", "personalized_acc", "train_loss") if k in last]
+        print(f"final round {last['round']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in keys))
+    return 0
+
+
+def _progress_from_metrics(out: Path, update: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+    """A tick that feeds new metrics.jsonl rows (written by the ServerApp) to the progress bar."""
+    seen = [0]
+
+    def tick() -> None:
+        path = out / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for line in lines[seen[0] :]:
+            with contextlib.suppress(json.JSONDecodeError):
+                update(json.loads(line))
+                seen[0] += 1
+
+    return tick
+
+
+def _default_out(config_path: str) -> Path:
+    return Path("runs") / f"{Path(config_path).stem}-deploy-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM (e.g. from a CI runner) shuts the deployment down like Ctrl-C does."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
