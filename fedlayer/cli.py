@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     parts = sub.add_parser("partitions", help="partition the data as configured and write partition.json/png")
     add_config(parts)
     add_out(parts, "output directory: new, empty or a previous partitions output", default="runs/partitions")
+    parts.add_argument(
+        "--export",
+        metavar="DIR",
+        help="also write each partition as images: DIR/partition-<i>/{train,test}/<class>/<index>.png",
+    )
     _add_compare_parsers(sub)
     add_deploy_parser(sub)
     config = sub.add_parser("config", help="print the resolved config as TOML (--reference: every key)")
@@ -138,13 +143,29 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     from fedlayer.experiment import federated_data
     from fedlayer.results import RunDir
 
+    export = Path(args.export) if args.export else None
+    if export is not None and export.exists() and (not export.is_dir() or any(export.iterdir())):
+        raise ConfigError(f"--export: {str(export)!r} exists and is not an empty directory; choose a new one")
     data = federated_data(cfg)
     run = RunDir.create(out, overwrite=True)
     data.write_partition_report(run.path, cfg.data.partitioner)
     for split in data.splits:
         print(f"client {split.partition_id}: {len(split.train_idx)} train / {len(split.test_idx)} test")
     print(f"written: {run.file('partition.json')}, {run.file('partition.png')}")
+    if export is not None:
+        _export(cfg, data, export)
     return 0
+
+
+def _export(cfg: Config, data: Any, out: Path) -> None:
+    """``--export DIR``: every partition in the ImageFolder layout a SuperNode's ``data-dir`` reads."""
+    from fedlayer.data.folder import export_partition
+
+    for split in data.splits:
+        train, test = data.client(split.partition_id)
+        folder = out / f"partition-{split.partition_id}"
+        export_partition(train, test, cfg.data.dataset, cfg.data.normalize, folder)
+    print(f"exported {len(data.splits)} partitions: {out}/partition-<i>/{{train,test}}/<class>/<index>.png")
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -8,17 +8,21 @@ node config (``partition-id``).
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from logging import ERROR
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from fedlayer.analysis.sharing import cost_sample, sharing_costs
 from fedlayer.checkpoint import load_client_state, save_client_state
 from fedlayer.config import Config, config_from_dict
 from fedlayer.data import TensorData
+from fedlayer.data.folder import load_folder
 from fedlayer.experiment import client_generator, cost_generator, federated_data, initial_model
 from fedlayer.models import model_blocks, model_groups
 from fedlayer.training import evaluate, load_state, resolve_device
@@ -54,10 +58,9 @@ class ClientJob:
         config = msg.content["config"]
         cfg = _parse(str(config["experiment"]))
         partition_id = int(context.node_config["partition-id"])
-        data = federated_data(cfg)
-        train_data, test_data = data.client(partition_id)
+        train_data, test_data = client_data(cfg, context.node_config)
         device = resolve_device(cfg.train.device)
-        model = initial_model(cfg, data.test)
+        model = initial_model(cfg, train_data)
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
         if PERSONAL not in context.state and config.get("state-dir"):
             # A resumed simulation: personal layers come from the run directory, not the lost process.
@@ -127,6 +130,13 @@ class ClientJob:
         return sharing_costs(self.model, target, blocks, sample, device=self.device, alpha=alpha)
 
 
+def client_data(cfg: Config, node_config: Mapping[str, object]) -> tuple[TensorData, TensorData]:
+    """The node's own data (node config ``data-dir``, ImageFolder layout) or its benchmark partition."""
+    if node_config.get("data-dir"):
+        return load_folder(str(node_config["data-dir"]), cfg.data.dataset, cfg.data.normalize)
+    return federated_data(cfg).client(int(node_config["partition-id"]))  # type: ignore[call-overload]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the assembled model with the algorithm's recipe; keep personal layers; reply shared ones."""
@@ -134,8 +144,11 @@ def train(msg: Message, context: Context) -> Message:
     try:
         return _train(msg, context)
     except Exception as err:
-        # Flower reports only the exception text; the server logs the fault by partition id.
-        raise RuntimeError(f"partition-id={partition_id}: {type(err).__name__}: {err}") from err
+        # Flower reports only the exception text; the server logs the fault by partition id, and the
+        # SuperNode's log gets the same one line before Flower's traceback.
+        reason = f"partition-id={partition_id}: {type(err).__name__}: {err}"
+        log(ERROR, "fedlayer: %s", reason)
+        raise RuntimeError(reason) from err
 
 
 def _train(msg: Message, context: Context) -> Message:

@@ -97,15 +97,16 @@ class RoundFailedError(RuntimeError):
     """Too few valid client updates for the strategy's minimum: the run ends (its last checkpoint stays)."""
 
 
-def partition_of(reply: Message, known: dict[int, int]) -> int | None:
-    """The client's partition id: from its metrics, the error text, or an earlier reply of the node."""
+def partition_of(reply: Message, known: dict[int, int], node_id: int | None = None) -> int | None:
+    """The client's partition id: from its metrics, the error text, or an earlier reply of its node
+    (``node_id``, default: the reply's source)."""
     if reply.has_content():
         for record in reply.content.metric_records.values():
             if "partition-id" in record:
                 return int(cast(float, record["partition-id"]))
     elif match := re.search(r"partition-id=(\d+)", reply.error.reason or ""):
         return int(match.group(1))
-    return known.get(reply.metadata.src_node_id)
+    return known.get(reply.metadata.src_node_id if node_id is None else node_id)
 
 
 def reply_fault(
@@ -184,6 +185,10 @@ class PartialStrategy(Strategy):
         Rounds already done before this ``start`` (resuming): added to Flower's round numbers.
     partitions : dict[int, int]
         Node id -> partition id, learned from replies (or set up front).
+    recipients : dict[str, int]
+        Message id -> destination node of this round's train instructions. When a SuperNode is gone, the
+        SuperLink answers in its place (the reply's source is the SuperLink); the instruction it replies
+        to names the node, and ``partitions`` its partition.
     """
 
     def __init__(
@@ -200,6 +205,8 @@ class PartialStrategy(Strategy):
         self.sampling_seed = sampling_seed
         self.round_offset = 0
         self.partitions: dict[int, int] = {}
+        self.recipients: dict[str, int] = {}
+        self._train_messages: list[Message] = []
         self.sharing = sharing
         self.shared_keys = sharing.shared_keys() if sharing is not None else list(shared_keys)
         self.full_model_rounds = full_model_rounds
@@ -232,6 +239,7 @@ class PartialStrategy(Strategy):
         if measure and messages:
             # One RecordDict is shared by all messages: the reference of the personal blocks is added once.
             messages[0].content[REFERENCE] = select_arrays(arrays, self._personal_keys())
+        self._train_messages = messages  # the Grid sets their message ids when it sends them
         for observer in self.observers:
             observer.on_train_messages(server_round, messages)
         if sharing is not None and sharing.dynamic:
@@ -247,6 +255,8 @@ class PartialStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        sent = [m.metadata for m in self._train_messages if m.metadata.message_id]
+        self.recipients = {m.message_id: m.dst_node_id for m in sent}
         replies, faults = self.screen(server_round, list(replies))
         for observer in self.observers:
             observer.on_train_replies(server_round, replies)
@@ -329,9 +339,8 @@ class PartialStrategy(Strategy):
             if not reason:
                 good.append(reply)
                 continue
-            fault = ClientFault(
-                reply.metadata.src_node_id, partition_of(reply, self.partitions), reason, detail
-            )
+            node = self.node_of(reply)
+            fault = ClientFault(node, partition_of(reply, self.partitions, node), reason, detail)
             log(
                 WARNING,
                 "round %d: client partition-id=%s excluded (%s: %s)",
@@ -343,6 +352,10 @@ class PartialStrategy(Strategy):
             faults.append(fault)
         return good, faults
 
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about: its source, or the recipient of the instruction it answers."""
+        return self.recipients.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     def _in_partition_order(self, replies: list[Message]) -> list[Message]:
         """Replies sorted by partition id: float sums then do not depend on which client finished first."""
         for reply in replies:
@@ -351,8 +364,9 @@ class PartialStrategy(Strategy):
                 self.partitions[reply.metadata.src_node_id] = pid
 
         def order(reply: Message) -> tuple[int, int]:
-            pid = partition_of(reply, self.partitions)
-            return (-1 if pid is None else pid, reply.metadata.src_node_id)
+            node = self.node_of(reply)
+            pid = partition_of(reply, self.partitions, node)
+            return (-1 if pid is None else pid, node)
 
         return sorted(replies, key=order)
 

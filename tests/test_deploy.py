@@ -23,6 +23,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from fedlayer.cli import main
 from fedlayer.config import ConfigError, load_config
 from fedlayer.deploy import (
     LocalDeployment,
@@ -85,7 +86,7 @@ class Finished:
     seconds: float
 
 
-def run_deploy(out: Path, overrides: list[str], *extra: str, timeout: int = 300) -> Finished:
+def run_deploy(out: Path, overrides: list[str], *extra: str, timeout: int = 900) -> Finished:
     """`fedlayer deploy local` with 2 SuperNodes; FLWR_HOME and the logs stay in ``out``/../work."""
     args = cli("fedlayer.cli", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
     args += ["--out", str(out), "--timeout", str(timeout - 30), "--keep-workdir", str(out.parent / "work")]
@@ -118,6 +119,13 @@ def flower_processes() -> dict[int, tuple[str, str, str]]:
         if any(n.startswith(name) or n in cmd for n in FLOWER):
             found[proc.pid] = (status, cmd or name, " ".join(f"{k}={v}" for k, v in environ.items()))
     return found
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 ZOMBIES_BEFORE = {pid for pid, (status, _, _) in flower_processes().items() if status == psutil.STATUS_ZOMBIE}
@@ -180,6 +188,23 @@ def test_deploy_arguments() -> None:
     assert args.overrides == ["a=1"] and args.tls == "d" and not args.overwrite
 
 
+def test_auth_and_node_data_are_checked_before_anything_starts(
+    tiny_fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["deploy", "local", "experiments/default.toml", "--out", str(tmp_path / "run")]
+    args += with_sets(experiment(tiny_fmnist))
+    assert main([*args, "--auth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fedlayer: error: --auth: SuperNode authentication needs TLS; pass --tls CERTDIR as well"
+    (tmp_path / "data" / "partition-0" / "train").mkdir(parents=True)
+    assert main([*args, "--node-data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip()
+    folder = tmp_path / "data" / "partition-0"
+    expected = f"{folder}/test does not exist; expected {folder}/{{train,test}}/<class>/"
+    assert err == f"fedlayer: error: --node-data: {expected}"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_failed_run_exits_nonzero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     failed = RunOutcome(7, "finished:failed", "ServerApp failed with exception: boom", 1.0)
     assert report(failed, tmp_path) == 1
@@ -210,7 +235,7 @@ def deployed_and_simulated(
     )
     try:
         deployed = run_deploy(tmp / "deploy", overrides)
-        sim_out, _ = sim.communicate(timeout=300)
+        sim_out, _ = sim.communicate(timeout=900)
     finally:
         sim.kill()
     simulated = Finished(tmp / "sim", sim.returncode, sim_out, time.perf_counter() - started)
@@ -343,31 +368,123 @@ def test_a_failing_serverapp_is_reported_as_failed(tiny_fmnist: Path, tmp_path: 
 
 
 @slow
-def test_a_crashed_supernode_is_survived(tiny_fmnist: Path, tmp_path: Path) -> None:
-    """3 SuperNodes, min_train_clients=2; SuperNode 2 is SIGKILLed (with its ClientApp) after round 1."""
+def test_a_crashed_supernode_is_named_and_its_children_stopped(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """3 SuperNodes, min_train_clients=2; the process of SuperNode 2 is SIGKILLed after round 1, as a crash
+    would end it: its SuperExec and ClientApp processes are left behind, and the deployment stops them."""
     overrides = [*experiment(tiny_fmnist, clients=3), "federation.min_train_clients=2"]
     cfg = load_config(ROOT / "experiments/default.toml", overrides)
     assert deployment_overrides(cfg, 3) == []
     out = prepare_out(tmp_path / "run", overwrite=False)
     started = time.perf_counter()
+    orphans: list[psutil.Process] = []
+    gone_during_run: list[bool] = []
     with LocalDeployment(3, ROOT, workdir=tmp_path / "work", cwd=ROOT) as deployment:
         run_id = deployment.submit(run_config(ROOT / "experiments/default.toml", overrides, out))
 
         def kill_after_round_one() -> None:
             metrics = out / "metrics.jsonl"
             if deployment.nodes[2].poll() is None and metrics.exists() and metrics.read_text().strip():
+                orphans.extend(psutil.Process(deployment.nodes[2].pid).children(recursive=True))
                 deployment.kill_supernode(2, signal.SIGKILL)
+            elif orphans and not gone_during_run and not any(map(alive, orphans)):
+                gone_during_run.append(True)
 
-        outcome = deployment.wait(run_id, timeout=400, on_tick=kill_after_round_one)
+        outcome = deployment.wait(run_id, timeout=900, on_tick=kill_after_round_one)
         deployment.collect(out)
     print(f"\nfault run {time.perf_counter() - started:.0f} s")
     assert leftovers(tmp_path) == [], "processes left behind"
     assert outcome.ok, outcome
+    assert orphans, "the SuperNode had no children to leave behind"
+    assert gone_during_run, "the dead SuperNode's children outlived it until the end of the run"
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[0]["clients_trained"] == 3 and rows[0]["client_failures"] == 0
     # Round 2 trains with the two survivors; the crashed node was still sampled (the SuperLink marks a
-    # node offline only after 2 missed heartbeats, 30 s apart) and its reply is an error.
+    # node offline only after 2 missed heartbeats, 30 s apart) and the SuperLink answered in its place.
     assert rows[1]["clients_trained"] == 2 and rows[1]["client_failures"] == 1
-    assert "Node Unavailable" in (out / "flower.log").read_text()
+    assert rows[1]["faulty_partitions"] == [2]
+    excluded = "client partition-id=2 excluded (error: Error: Node Unavailable"
+    assert excluded in (out / "flower.log").read_text()
     assert deployment.nodes[2].returncode == -signal.SIGKILL
+
+
+# -- own data, authentication ------------------------------------------------------------------------
+
+
+@slow
+def test_supernodes_on_their_own_data_train_as_on_the_partitions(
+    deployed_and_simulated: tuple[Finished, Finished], tiny_fmnist: Path, tmp_path: Path
+) -> None:
+    """`partitions --export` + `deploy local --node-data`: the same metrics as the partition-id run.
+
+    The exported images are the partitions' pixels (PNG, checked exact), loaded in the same order and
+    normalized by the same code, and each SuperNode keeps its partition id (batch-order seed), so the two
+    deployments compute the same thing; only float reduction order could differ, and it does not here
+    (FedAvg sums in partition order, same processes and thread counts): the losses agree to 1e-6.
+    """
+    reference = deployed_and_simulated[0]
+    assert reference.returncode == 0, reference.output[-3000:]
+    overrides = experiment(tiny_fmnist)
+    export = tmp_path / "node-data"
+    args = cli("fedlayer.cli", "partitions", "experiments/default.toml", "--out", str(tmp_path / "p"))
+    args += ["--export", str(export), *with_sets(overrides)]
+    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300, env=env())
+    own = run_deploy(tmp_path / "run", overrides, "--node-data", str(export))
+    assert own.returncode == 0, own.output[-4000:]
+    assert "own data in" in own.output
+    ours, theirs = read_metrics(own.out), read_metrics(reference.out)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs, strict=True):
+        for key in COMPARED + COMPARED_LOSSES:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["round"], key)
+        assert a["bytes_up"] == b["bytes_up"]
+
+
+@slow
+def test_a_supernode_with_foreign_classes_is_a_fault_named_on_it(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """SuperNode 1's data has a class the experiment does not know: one line in its log and in the
+    run's faults; SuperNode 0 trains on (min_train_clients=1)."""
+    overrides = [*experiment(tiny_fmnist, rounds=1), "federation.min_train_clients=1"]
+    export = tmp_path / "node-data"
+    args = cli("fedlayer.cli", "partitions", "experiments/default.toml", "--out", str(tmp_path / "p"))
+    args += ["--export", str(export), *with_sets(overrides)]
+    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300, env=env())
+    (export / "partition-1" / "train" / "cat").mkdir()
+    out = prepare_out(tmp_path / "run", overwrite=False)
+    workdir = tmp_path / "work"
+    with LocalDeployment(2, ROOT, workdir=workdir, cwd=ROOT, node_data=export) as deployment:
+        run_id = deployment.submit(run_config(ROOT / "experiments/default.toml", overrides, out))
+        outcome = deployment.wait(run_id, timeout=900)
+        deployment.collect(out)
+    assert outcome.ok, outcome
+    (row,) = read_metrics(out)
+    assert row["faulty_partitions"] == [1] and row["clients_trained"] == 1
+    reason = "partition-id=1: DataError: data-dir: class folder(s) 'cat' in"
+    assert reason in (out / "flower.log").read_text()
+    node_log = (out / "deploy" / "supernode-1.log").read_text()
+    assert any(line.rstrip().endswith("'Ankle_boot'") and reason in line for line in node_log.splitlines())
+    assert leftovers(tmp_path) == [], "processes left behind"
+
+
+@slow
+def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """--auth: two registered SuperNodes train; a third with an unregistered key is refused."""
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "docker" / "certs.sh"), str(certs)], check=True, capture_output=True)
+    overrides = experiment(tiny_fmnist, rounds=1)
+    out = prepare_out(tmp_path / "run", overwrite=False)
+    tls = TlsFiles.from_dir(certs)
+    with LocalDeployment(2, ROOT, tls, tmp_path / "work", ROOT, auth=True) as deployment:
+        intruder = deployment.add_supernode(register=False)
+        assert intruder.wait(timeout=120) != 0
+        refused = deployment.log_file("supernode-2").read_text()
+        assert "Failed to initialize the connection to the SuperLink" in refused
+        assert deployment.control is not None and deployment.control.online_nodes() == 2
+        run_id = deployment.submit(run_config(ROOT / "experiments/default.toml", overrides, out))
+        outcome = deployment.wait(run_id, timeout=900)
+        deployment.collect(out)
+    assert outcome.ok, outcome
+    assert "SuperNode authentication is disabled" not in (out / "deploy" / "superlink.log").read_text()
+    (row,) = read_metrics(out)
+    assert row["clients_trained"] == 2 and row["client_failures"] == 0
+    assert leftovers(tmp_path) == [], "processes left behind"

@@ -6,12 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -153,6 +158,49 @@ def test_replies_are_aggregated_in_partition_order() -> None:
     assert forward is not None and reverse is not None
     for key in forward:
         assert forward[key].numpy().tobytes() == reverse[key].numpy().tobytes()
+
+
+class Nodes:
+    """What client sampling asks of a Grid: the connected node ids."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return self.node_ids
+
+
+def train_round(ours: PartialStrategy, server_round: int, answer: Callable[[Message], Message]) -> None:
+    """configure_train -> the Grid sends (setting message ids) -> each instruction answered -> aggregate."""
+    grid = cast(Grid, Nodes([101, 102, 103]))
+    instructions = list(ours.configure_train(server_round, ours.global_arrays, ConfigRecord(), grid))
+    for instruction in instructions:
+        instruction.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do on push
+    ours.aggregate_train(server_round, [answer(instruction) for instruction in instructions])
+
+
+def test_a_supernode_that_died_is_attributed_to_its_partition() -> None:
+    """The SuperLink answers for a node that is gone (the reply's source is the SuperLink, not the node);
+    the fault names the partition that node reported in an earlier round."""
+    partitions = {101: 0, 102: 1, 103: 2}
+    updates = dict(zip(partitions, client_updates(3), strict=True))
+    observer = Faults()
+    ours = strategy(FedAvg(min_train_nodes=2), observer)
+
+    def healthy(instruction: Message) -> Message:
+        node = instruction.metadata.dst_node_id
+        content = reply(updates[node], partitions[node]).content
+        return Message(content, reply_to=instruction)
+
+    def node_103_died(instruction: Message) -> Message:
+        if instruction.metadata.dst_node_id != 103:
+            return healthy(instruction)
+        return create_message_error_unavailable_res_message(instruction.metadata, "node_unavail")
+
+    train_round(ours, 1, healthy)
+    train_round(ours, 2, node_103_died)
+    (fault,) = observer.seen
+    assert (fault.node_id, fault.partition_id, fault.reason) == (103, 2, "error")
 
 
 @pytest.mark.slow

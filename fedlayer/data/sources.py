@@ -69,14 +69,32 @@ class _Spec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    size: int  # image height = width
+    classes: tuple[str, ...]  # in label order
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# CIFAR-100's fine labels, in the order of the dataset's meta file (alphabetical).
+CIFAR100_CLASSES = tuple(
+    """
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+    camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile
+    cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp
+    lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom
+    oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine
+    possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake
+    spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor
+    train trout tulip turtle wardrobe whale willow_tree wolf woman worm
+    """.split()  # noqa: SIM905 -- 100 names stay readable as one string
+)
 # The per-channel statistics of each training set, as commonly used.
 SPECS: dict[str, _Spec] = {
-    "fashion_mnist": _Spec(tv.FashionMNIST, (0.2860,), (0.3530,), 10),
-    "mnist": _Spec(tv.MNIST, (0.1307,), (0.3081,), 10),
-    "cifar10": _Spec(tv.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
-    "cifar100": _Spec(tv.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100),
+    "fashion_mnist": _Spec(tv.FashionMNIST, (0.2860,), (0.3530,), 10, 28, tuple(tv.FashionMNIST.classes)),
+    "mnist": _Spec(tv.MNIST, (0.1307,), (0.3081,), 10, 28, tuple(tv.MNIST.classes)),
+    "cifar10": _Spec(tv.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, 32, CIFAR10_CLASSES),
+    "cifar100": _Spec(
+        tv.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100, 32, CIFAR100_CLASSES
+    ),
 }
 
 
@@ -90,6 +108,14 @@ def _spec(name: str) -> _Spec:
     if name not in SPECS:
         raise DataError(f"data.dataset: {name!r} is not allowed; choose one of: {', '.join(SPECS)}")
     return SPECS[name]
+
+
+def _normalization(name: str, normalize: str) -> _Spec:
+    """``name``'s spec with the mean/std of ``data.normalize`` (``half``: 0.5 and 0.5, PFLlib)."""
+    spec = _spec(name)
+    if normalize == "half":
+        return dataclasses.replace(spec, mean=(0.5,) * len(spec.mean), std=(0.5,) * len(spec.std))
+    return spec
 
 
 def _folder(spec: _Spec, root: Path) -> Path:
@@ -233,9 +259,7 @@ def clear_dataset_cache() -> None:
 
 @functools.lru_cache(maxsize=4)  # Ray actors call load_dataset every round
 def _load(name: str, root: str, normalize: str) -> tuple[TensorData, TensorData]:
-    spec = SPECS[name]
-    if normalize == "half":
-        spec = dataclasses.replace(spec, mean=(0.5,) * len(spec.mean), std=(0.5,) * len(spec.std))
+    spec = _normalization(name, normalize)
     try:
         return _convert(spec, spec.cls(root, train=True)), _convert(spec, spec.cls(root, train=False))
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted" (e.g. a checksum mismatch)
@@ -246,8 +270,39 @@ def _convert(spec: _Spec, ds: tv.MNIST | tv.CIFAR10) -> TensorData:
     """All samples at once from ``.data``/``.targets`` (never PIL one by one), channels first."""
     images = torch.as_tensor(np.asarray(ds.data))
     x = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # CIFAR stores NHWC
+    y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    return TensorData(_normalized(x, spec), y, spec.num_classes, tuple(ds.classes))
+
+
+def _normalized(x: torch.Tensor, spec: _Spec) -> torch.Tensor:
     x = x.contiguous().float().div_(255.0)
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    return TensorData(x.sub_(mean).div_(std), y, spec.num_classes, tuple(ds.classes))
+    return x.sub_(mean).div_(std)
+
+
+def normalized(x: torch.Tensor, name: str, normalize: str = "dataset") -> torch.Tensor:
+    """uint8 images (N, C, H, W) of dataset ``name`` as the float tensors :func:`load_dataset` gives."""
+    return _normalized(x, _normalization(name, normalize))
+
+
+def pixels(x: torch.Tensor, name: str, normalize: str = "dataset") -> torch.Tensor:
+    """The uint8 images that :func:`normalized` turns into ``x`` (exactly: checked)."""
+    spec = _normalization(name, normalize)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    values = (x * std + mean).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    if not torch.equal(_normalized(values, spec), x):
+        raise DataError(f"data.dataset: these {name} tensors are not normalized 8-bit images")
+    return values
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """The class names of dataset ``name``, in label order."""
+    return _spec(name).classes
+
+
+def image_shape(name: str) -> tuple[int, int]:
+    """(channels, height = width) of the images of dataset ``name``."""
+    spec = _spec(name)
+    return len(spec.mean), spec.size

@@ -21,7 +21,7 @@ from typing import Any
 
 from fedlayer.config import Config, ConfigError, load_config
 from fedlayer.deploy.flwr_cli import DeployError, RunOutcome, tail
-from fedlayer.deploy.local import HOST, LocalDeployment, TlsFiles, default_app_dir
+from fedlayer.deploy.local import HOST, LocalDeployment, TlsFiles, check_options, default_app_dir
 from fedlayer.inputs import add_config, add_out, check_before_start, check_out, load, positive_int
 
 
@@ -68,6 +68,12 @@ def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_out(local, "run directory (default: runs/<config>-deploy-<timestamp>)")
     local.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     local.add_argument("--tls", metavar="CERTDIR", help="serve over TLS with docker/certs.sh certificates")
+    local.add_argument("--auth", action="store_true", help="accept registered SuperNodes only (needs --tls)")
+    local.add_argument(
+        "--node-data",
+        metavar="DIR",
+        help="SuperNode i trains on its own data in DIR/partition-<i> (fedlayer partitions --export DIR)",
+    )
     local.add_argument("--app", help="Flower app directory (default: this fedlayer checkout)")
     local.add_argument("--timeout", type=float, default=0.0, help="seconds before giving up (0 = none)")
     local.add_argument("--keep-workdir", metavar="DIR", help="keep FLWR_HOME and process logs in DIR")
@@ -85,14 +91,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     check_before_start(cfg)
     tls = TlsFiles.from_dir(args.tls) if args.tls else None
+    check_options(args.supernodes, tls, args.auth)
+    node_data = Path(args.node_data).resolve() if args.node_data else None
+    if node_data is not None:
+        _check_node_data(node_data, args.supernodes, cfg)
     app_dir = Path(args.app).resolve() if args.app else default_app_dir()
     out = prepare_out(check_out(args.out or _default_out(args.config)), args.overwrite)
     workdir = Path(args.keep_workdir).resolve() if args.keep_workdir else None
     with _terminate_on_sigterm():
         try:
-            outcome = _deploy_and_run(
-                args, cfg, app_dir, tls, workdir, run_config(Path(args.config), overrides, out)
+            deployment = LocalDeployment(
+                args.supernodes, app_dir, tls, workdir, node_data=node_data, auth=args.auth
             )
+            outcome = _deploy_and_run(args, cfg, deployment, run_config(Path(args.config), overrides, out))
         except DeployError as err:
             print(f"fedlayer deploy: error: {err}", file=sys.stderr)
             return 1
@@ -103,19 +114,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _deploy_and_run(
-    args: argparse.Namespace,
-    cfg: Config,
-    app_dir: Path,
-    tls: TlsFiles | None,
-    workdir: Path | None,
-    rc: dict[str, str],
+    args: argparse.Namespace, cfg: Config, deployment: LocalDeployment, rc: dict[str, str]
 ) -> RunOutcome:
     from fedlayer.progress import RoundProgress
 
     out = Path(rc["out"])
-    mode = "TLS" if tls else "insecure"
-    print(f"deploy: starting a SuperLink ({mode}) and {args.supernodes} SuperNodes on {HOST}")
-    with LocalDeployment(args.supernodes, app_dir, tls, workdir) as deployment:
+    mode = ("TLS, SuperNode authentication" if deployment.auth else "TLS") if deployment.tls else "insecure"
+    data = f"; own data in {deployment.node_data}/partition-<i>" if deployment.node_data else ""
+    print(f"deploy: starting a SuperLink ({mode}) and {args.supernodes} SuperNodes on {HOST}{data}")
+    with deployment:
         run_id = deployment.submit(rc)
         print(f"deploy: run {run_id} submitted; run directory {out}")
         try:
@@ -166,6 +173,14 @@ def _progress_from_metrics(out: Path, update: Callable[[dict[str, Any]], None]) 
                 seen[0] += 1
 
     return tick
+
+
+def _check_node_data(root: Path, supernodes: int, cfg: Config) -> None:
+    """Each SuperNode's data folder exists and holds only the experiment's classes (one-line DataError)."""
+    from fedlayer.data.folder import check_folder
+
+    for i in range(supernodes):
+        check_folder(root / f"partition-{i}", cfg.data.dataset, field="--node-data")
 
 
 def _default_out(config_path: str) -> Path:

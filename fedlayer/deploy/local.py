@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -15,10 +16,19 @@ from types import TracebackType
 from typing import IO, Any
 
 from fedlayer.config import ConfigError
-from fedlayer.deploy.flwr_cli import START_TIMEOUT, DeployError, FlwrControl, RunOutcome, executable, tail
-from fedlayer.processes import descendants, signal_group, stop, terminate
+from fedlayer.deploy.flwr_cli import (
+    CONNECTION,
+    START_TIMEOUT,
+    DeployError,
+    FlwrControl,
+    RunOutcome,
+    executable,
+    tail,
+)
+from fedlayer.processes import stop, terminate, with_environment
 
 HOST = "127.0.0.1"
+NODE_MARK = "FEDLAYER_SUPERNODE"  # environment variable naming the SuperNode a process belongs to
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,35 @@ def default_app_dir() -> Path:
     )
 
 
+def check_options(supernodes: int, tls: TlsFiles | None, auth: bool) -> None:
+    """ConfigError (one line naming the flag) for a deployment that cannot be made."""
+    if supernodes < 1:
+        raise ConfigError(f"--supernodes: {supernodes} is not allowed; must be >= 1")
+    if auth and tls is None:
+        raise ConfigError("--auth: SuperNode authentication needs TLS; pass --tls CERTDIR as well")
+
+
+def write_key_pair(stem: Path) -> tuple[Path, Path]:
+    """A SuperNode's authentication keys (NIST P-384, OpenSSH format, as ``ssh-keygen -t ecdsa -b 384``):
+    ``stem.key`` (private, mode 600) and ``stem.pub`` (registered with ``flwr supernode register``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = stem.with_suffix(".key"), stem.with_suffix(".pub")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    private.touch(mode=0o600)
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
+
+
 class LocalDeployment:
     """A SuperLink and ``supernodes`` SuperNodes as local processes; a context manager.
 
@@ -68,6 +107,10 @@ class LocalDeployment:
     ``flower-superexec`` starts per run (``--isolation subprocess``, the default); every SuperNode starts a
     ``flower-superexec`` too, which launches one ``flwr-clientapp`` process per message. The ClientApp's
     ``context.state`` (personal layers) is kept by the SuperNode between those processes.
+
+    A SuperNode that dies is a fault the run survives (its train reply is an error); the SuperExec and
+    ClientApp processes it leaves behind are stopped at once. Every process carries ``FLWR_HOME`` of this
+    deployment (and ``FEDLAYER_SUPERNODE``) in its environment, so none is missed when its parent is gone.
 
     Parameters
     ----------
@@ -81,6 +124,12 @@ class LocalDeployment:
         Where FLWR_HOME and the process logs live; ``None`` = a temporary directory, removed on stop.
     cwd : Path | None
         Working directory of every Flower process (relative ``data.root`` resolves against it).
+    node_data : Path | None
+        SuperNode ``i`` trains on its own data in ``node_data/partition-<i>`` (node config ``data-dir``;
+        see ``fedlayer partitions --export``) instead of partition ``i`` of the benchmark.
+    auth : bool
+        SuperNode authentication (needs ``tls``): the SuperLink accepts only SuperNodes whose public keys
+        were registered (``flwr supernode register``); each SuperNode signs with its own private key.
     """
 
     def __init__(
@@ -90,10 +139,14 @@ class LocalDeployment:
         tls: TlsFiles | None = None,
         workdir: Path | None = None,
         cwd: Path | None = None,
+        *,
+        node_data: Path | None = None,
+        auth: bool = False,
     ) -> None:
-        if supernodes < 1:
-            raise ConfigError(f"--supernodes: {supernodes} is not allowed; must be >= 1")
+        check_options(supernodes, tls, auth)
         self.supernodes = supernodes
+        self.node_data = Path(node_data).resolve() if node_data else None
+        self.auth = auth
         self.app_dir = Path(app_dir).resolve()
         self.tls = tls
         self._own_workdir = workdir is None
@@ -104,6 +157,7 @@ class LocalDeployment:
         self.superlink: subprocess.Popen[bytes] | None = None
         self.nodes: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
+        self._cleaned: set[int] = set()  # SuperNodes that died and whose children were stopped
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -125,16 +179,30 @@ class LocalDeployment:
         self.control.alive_check = self._check_alive
         self.superlink = self._spawn("superlink", self._superlink_command())
         _wait_for_port(self.port, self.superlink, self.log_file("superlink"))
-        for i in range(self.supernodes):
-            self.nodes.append(self._spawn(f"supernode-{i}", self._supernode_command(i)))
+        for _ in range(self.supernodes):
+            self.add_supernode()
         deadline = time.monotonic() + START_TIMEOUT
         for i, node in enumerate(self.nodes):
             _wait_for_text(self.log_file(f"supernode-{i}"), "SuperNode ID:", node, deadline)
         self.control.wait_for_nodes(self.supernodes, max(1.0, deadline - time.monotonic()))
 
+    def add_supernode(self, *, register: bool = True) -> subprocess.Popen[bytes]:
+        """Start SuperNode ``len(nodes)``; with ``auth``, its key is registered first unless ``register``
+        is False (a SuperNode the SuperLink must refuse)."""
+        index = len(self.nodes)
+        command = self._supernode_command(index)
+        if self.auth:
+            private, public = write_key_pair(self.workdir / "keys" / f"supernode-{index}")
+            if register:
+                self._control().flwr("supernode", "register", str(public), CONNECTION)
+            command += ["--auth-supernode-private-key", str(private)]
+        self.nodes.append(self._spawn(f"supernode-{index}", command))
+        return self.nodes[-1]
+
     def stop(self) -> None:
         """Terminate every process this deployment started, their children included."""
-        terminate([*self.nodes, *([self.superlink] if self.superlink else [])])
+        marked = with_environment({"FLWR_HOME": str(self._control().flwr_home)}) if self.control else []
+        terminate([*self.nodes, *([self.superlink] if self.superlink else [])], also=marked)
         for log in self._logs:
             log.close()
         self._logs.clear()
@@ -144,12 +212,9 @@ class LocalDeployment:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def kill_supernode(self, index: int, sig: int = signal.SIGKILL) -> None:
-        """Fault injection: signal SuperNode ``index`` with its SuperExec and ClientApp processes."""
-        proc = self.nodes[index]
-        orphans = descendants(proc.pid)
-        signal_group(proc.pid, sig)
-        proc.wait(timeout=30)
-        stop(orphans, timeout=30)
+        """Fault injection: signal the process of SuperNode ``index`` only, as a crash would."""
+        self.nodes[index].send_signal(sig)
+        self.nodes[index].wait(timeout=30)
 
     def submit(self, run_config: dict[str, str]) -> int:
         """Submit the app with ``run_config``; the run id (see :meth:`FlwrControl.submit`)."""
@@ -189,6 +254,8 @@ class LocalDeployment:
 
     def _supernode_command(self, index: int) -> list[str]:
         node_config = f"partition-id={index} num-partitions={self.supernodes}"
+        if self.node_data is not None:
+            node_config += f" data-dir={json.dumps(str(self.node_data / f'partition-{index}'))}"
         command = [executable("flower-supernode"), "--superlink", f"{HOST}:{self.port}"]
         command += ["--port", str(free_port()), "--node-config", node_config]
         # The SuperNode's own Runtime API (ClientApp processes) stays on plain HTTP at 127.0.0.1.
@@ -200,15 +267,21 @@ class LocalDeployment:
         log = open(self.log_file(name), "ab")  # noqa: SIM115 -- closed in stop()
         self._logs.append(log)
         # Own session: Ctrl-C reaches only this process, which then shuts the deployment down in order.
-        env = self._control().env()
+        env = self._control().env() | {NODE_MARK: name}
         return subprocess.Popen(
             command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def _check_alive(self) -> None:
+        """Raise if the SuperLink is gone; stop what a SuperNode that died left running."""
         if self.superlink is not None and self.superlink.poll() is not None:
             log = tail(self.log_file("superlink"))
             raise DeployError(f"the SuperLink exited ({self.superlink.returncode}):\n{log}")
+        for index, node in enumerate(self.nodes):
+            if index not in self._cleaned and node.poll() is not None:
+                self._cleaned.add(index)
+                home = str(self._control().flwr_home)
+                stop(with_environment({"FLWR_HOME": home, NODE_MARK: f"supernode-{index}"}), timeout=10)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
