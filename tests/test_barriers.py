@@ -364,7 +364,7 @@ def test_random_control_is_equal_norm_on_both_bases(cnn: tuple, cnn_data: EvalDa
     θ_B − r/2 on base b (‖r‖ = ‖Δ_l‖), so both bases are as far from their endpoint as the real midpoint."""
     model, a, b = cnn
     evaluator = exact(model, cnn_data)
-    blocks = blocks_from_modules(model)
+    blocks = model_blocks(model)
     directions = random_direction(a, b, evaluator.parameter_keys, seed=1)
     rows = random_direction_control(evaluator, a, b, blocks, seed=1)
     for base, anchor, sign in (("a", a, 0.5), ("b", b, -0.5)):
