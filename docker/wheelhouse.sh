@@ -13,5 +13,11 @@ project = tomllib.load(open("pyproject.toml", "rb"))
 print("\n".join([*project["build-system"]["requires"], *project["project"]["dependencies"], "wheel"]))
 PY
 # The wheels match this machine (CPython 3.11, linux x86_64), the same platform as the image.
-"$py" -m pip download --dest docker/wheels -r "$reqs"
+# FEDLAYER_WHEEL_CACHE (e.g. on CI) keeps them outside the checkout; they are hard-linked in from there.
+dest="${FEDLAYER_WHEEL_CACHE:-docker/wheels}"
+mkdir -p "$dest"
+"$py" -m pip download --dest "$dest" -r "$reqs"
+if [ "$dest" != docker/wheels ]; then
+  cp -al "$dest"/. docker/wheels/ 2>/dev/null || cp -a "$dest"/. docker/wheels/
+fi
 du -sh docker/wheels
