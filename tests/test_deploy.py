@@ -468,7 +468,8 @@ def test_a_supernode_with_foreign_classes_is_a_fault_named_on_it(tiny_fmnist: Pa
 
 @slow
 def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: Path) -> None:
-    """--auth: two registered SuperNodes train; a third with an unregistered key is refused."""
+    """--auth: two registered SuperNodes train; a third, not registered, is refused (without
+    --enable-supernode-auth the SuperLink would let it register itself and join)."""
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "docker" / "certs.sh"), str(certs)], check=True, capture_output=True)
     overrides = experiment(tiny_fmnist, rounds=1)
@@ -479,6 +480,7 @@ def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: 
         assert intruder.wait(timeout=120) != 0
         refused = deployment.log_file("supernode-2").read_text()
         assert "Failed to initialize the connection to the SuperLink" in refused
+        assert "All SuperNodes must be registered via the CLI" in refused
         assert deployment.control is not None and deployment.control.online_nodes() == 2
         run_id = deployment.submit(run_config(ROOT / "experiments/default.toml", overrides, out))
         outcome = deployment.wait(run_id, timeout=900)

@@ -187,14 +187,16 @@ class LocalDeployment:
         self.control.wait_for_nodes(self.supernodes, max(1.0, deadline - time.monotonic()))
 
     def add_supernode(self, *, register: bool = True) -> subprocess.Popen[bytes]:
-        """Start SuperNode ``len(nodes)``; with ``auth``, its key is registered first unless ``register``
-        is False (a SuperNode the SuperLink must refuse)."""
+        """Start SuperNode ``len(nodes)``; with ``auth``, its key is made and registered first.
+
+        ``register=False`` starts it without a registered key, as a SuperNode that is not part of the
+        federation would come: with ``auth`` the SuperLink refuses it.
+        """
         index = len(self.nodes)
         command = self._supernode_command(index)
-        if self.auth:
+        if self.auth and register:
             private, public = write_key_pair(self.workdir / "keys" / f"supernode-{index}")
-            if register:
-                self._control().flwr("supernode", "register", str(public), CONNECTION)
+            self._control().flwr("supernode", "register", str(public), CONNECTION)
             command += ["--auth-supernode-private-key", str(private)]
         self.nodes.append(self._spawn(f"supernode-{index}", command))
         return self.nodes[-1]
@@ -250,7 +252,8 @@ class LocalDeployment:
             return [*command, "--insecure"]
         tls = self.tls
         certs = {"--ssl-certfile": tls.cert, "--ssl-keyfile": tls.key, "--ssl-ca-certfile": tls.ca}
-        return command + [arg for flag, path in certs.items() for arg in (flag, str(path))]
+        command += [arg for flag, path in certs.items() for arg in (flag, str(path))]
+        return [*command, "--enable-supernode-auth"] if self.auth else command
 
     def _supernode_command(self, index: int) -> list[str]:
         node_config = f"partition-id={index} num-partitions={self.supernodes}"
