@@ -462,7 +462,7 @@ def test_a_supernode_with_foreign_classes_is_a_fault_named_on_it(tiny_fmnist: Pa
     reason = "partition-id=1: DataError: data-dir: class folder(s) 'cat' in"
     assert reason in (out / "flower.log").read_text()
     node_log = (out / "deploy" / "supernode-1.log").read_text()
-    assert any(line.rstrip().endswith("'Ankle_boot'") and reason in line for line in node_log.splitlines())
+    assert any(line.rstrip().endswith("'Ankle boot'") and reason in line for line in node_log.splitlines())
     assert leftovers(tmp_path) == [], "processes left behind"
 
 

@@ -133,6 +133,8 @@ def test_compose_deployment_runs_two_rounds(
     results = tmp_path / "results"
     results.mkdir()
     os.chown(results, UID, UID)  # the containers write as `fedlayer`, not as root
+    for path in [tiny_fmnist, *tiny_fmnist.rglob("*")]:  # pytest makes its directories 0700
+        path.chmod(0o755 if path.is_dir() else 0o644)
     ports = {"SUPERLINK_PORT": free_port(), "SUPERNODE_0_PORT": free_port(), "SUPERNODE_1_PORT": free_port()}
     env = os.environ | {k: str(v) for k, v in ports.items()}
     env |= {
