@@ -92,8 +92,16 @@ def run_deploy(out: Path, overrides: list[str], *extra: str, timeout: int = 900)
     args += ["--out", str(out), "--timeout", str(timeout - 30), "--keep-workdir", str(out.parent / "work")]
     args += [*extra, *with_sets(overrides)]
     started = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env())
-    return Finished(out, proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - started)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the command shuts its deployment down (SIGKILL would orphan it)
+        output, _ = proc.communicate(timeout=120)
+        pytest.fail(f"fedlayer deploy did not finish within {timeout} s:\n{output[-4000:]}")
+    return Finished(out, proc.returncode, output, time.perf_counter() - started)
 
 
 FLOWER = (
