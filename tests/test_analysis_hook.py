@@ -179,3 +179,27 @@ def test_full_models_travel_only_on_analysis_rounds(tiny_fmnist: Path, tmp_path:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # fedper keeps the head personal; only the analysis round brings full models back.
     assert metrics[1]["bytes_up"] > metrics[0]["bytes_up"]
+
+
+def test_each_model_is_evaluated_once_per_round_not_once_per_pair(tiny_fmnist: Path) -> None:
+    """The endpoints of 3 client-client pairs are 3 models: 3 evaluations, and the rows equal the
+    per-pair analysis that evaluates both endpoints of every pair itself."""
+    from fedlayer.analysis.barriers import barrier_analysis
+    from fedlayer.analysis.hook import BarrierWorker
+
+    cfg = tiny_config(tiny_fmnist, "analysis.pairs='clients'")
+    worker = BarrierWorker(cfg)
+    state = worker.model.state_dict()
+    models: dict[int | str, dict[str, torch.Tensor]] = {i: perturbed(state, 0.05, i) for i in range(3)}
+    evaluated = []
+    original = worker.evaluator.evaluate_tensor
+    worker.evaluator.evaluate_tensor = lambda s: evaluated.append(1) or original(s)  # type: ignore[method-assign]
+    rows, _ = worker.analyze(1, models, state)
+    per_pair = 1 + 2 * len(worker.blocks)  # the full path and every block on both bases
+    assert len(evaluated) == 3 + 3 * per_pair
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        alone = barrier_analysis(worker.evaluator, models[a], models[b], worker.blocks, seed=cfg.seed + 1)
+        mine = [r for r in rows if (r["client_a"], r["client_b"]) == (a, b)]
+        pair_keys = ("round", "client_a", "client_b")
+        ours = [{k: v for k, v in r.items() if k not in pair_keys} for r in mine]
+        assert json.dumps(ours) == json.dumps([row.as_dict() for row in alone])  # NaN-aware equality

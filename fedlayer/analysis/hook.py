@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fedlayer.analysis.barriers import BarrierRow, barrier_analysis, midpoint_barriers
+from fedlayer.analysis.barriers import BarrierRow, Endpoints, barrier_analysis, midpoint_barriers
 from fedlayer.analysis.evaluate import Evaluator
 from fedlayer.analysis.landscape import LandscapeRow, landscape
 from fedlayer.config import AnalysisConfig, Config
@@ -59,6 +59,10 @@ class BarrierWorker:
         self.cfg = cfg
         self.data = federated_data(self.cfg)
         self.device = torch.device("cuda" if self.cfg.analysis.num_gpus > 0 else "cpu")
+        if self.device.type == "cpu":
+            # Ray leaves a num_cpus=0 actor torch's default of one thread per core: it would oversubscribe
+            # the cores the client actors train on. It uses the cores it reserved, at least one.
+            torch.set_num_threads(max(1, int(cfg.analysis.num_cpus)))
         self.model = initial_model(self.cfg, self.data.test)
         self.blocks = model_blocks(self.model)
         self.evaluator = self._evaluator(self.data.test.x, self.data.test.y)
@@ -84,9 +88,12 @@ class BarrierWorker:
         """Barrier rows and landscape rows of every configured pair of ``models``."""
         a_cfg = self.cfg.analysis
         clients = [c for c in models if c != GLOBAL]
+        pairs = pairs_of(a_cfg, clients)  # type: ignore[arg-type]
+        shared = self._shared_endpoints(models, pairs)
         barrier_rows, landscape_rows = [], []
-        for a, b in pairs_of(a_cfg, clients):  # type: ignore[arg-type]
+        for a, b in pairs:
             evaluator = self._pair_evaluator(a, b)
+            ends = Endpoints(shared[a][0], shared[b][0], shared[a][1], shared[b][1]) if shared else None
             rows = barrier_analysis(
                 evaluator,
                 models[a],
@@ -96,6 +103,7 @@ class BarrierWorker:
                 cumulative=a_cfg.cumulative,
                 random_control=a_cfg.random_control,
                 seed=self.cfg.seed + server_round,
+                endpoints=ends,
             )
             pair = {"round": server_round, "client_a": a, "client_b": b}
             barrier_rows += [pair | row.as_dict() for row in rows]
@@ -108,6 +116,17 @@ class BarrierWorker:
                 )
                 landscape_rows += [pair | row.as_dict() for row in found]
         return barrier_rows, landscape_rows
+
+    def _shared_endpoints(
+        self, models: dict[int | str, State], pairs: list[tuple[int | str, int | str]]
+    ) -> dict[int | str, tuple[float, float]]:
+        """Loss and error of every model in a pair, each evaluated once (not once per pair it is in), when
+        all pairs share one evaluation set; {} for ``pair_train``."""
+        if self.cfg.analysis.data != "global_test":
+            return {}
+        names = list(dict.fromkeys(name for pair in pairs for name in pair))
+        results = self.evaluator.evaluate_many(self.evaluator.prepare(models[name]) for name in names)
+        return dict(zip(names, results, strict=True))
 
 
 class CsvLog:
