@@ -6,37 +6,35 @@ server's RNG states, the sharing policy's state (``lmc``: next round's shared se
 of ``metrics.jsonl`` so far and the size of every other row file (analysis rows written so far). It holds
 tensors and plain Python values only, so it loads with ``torch.load(path, weights_only=True)``.
 
-Personal layers live on the clients. In simulation each client also writes its personal state after
-training to ``<run>/clients/partition-<id>/round-<r>.pt`` (the server passes the folder in the train and
-evaluate config as ``state-dir``); a client whose ``context.state`` is empty (a resumed process) loads the
-newest file of a round <= the current one. After checkpointing round k the server keeps, per partition,
-the newest file of a round <= k; on resume it deletes files of rounds > k (written after the checkpoint).
+Personal layers live on the clients. In simulation they keep them in the run directory's ``clients/``
+folder (a :class:`fedlayer.store.PersonalStore`; the server passes the folder in the train and evaluate
+config as ``state-dir``). After checkpointing round k the server drops the older states of the clients
+that trained in round k; on resume it deletes states of rounds > k (written after the checkpoint).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedlayer.config import ConfigError
 from fedlayer.results import METRICS, RunDir
-from strategies.mechanism import PartialStrategy
+from fedlayer.store import PersonalStore
+from strategies.mechanism import PartialStrategy, RoundObserver, partition_of
 
 CHECKPOINT = "checkpoint.pt"
 CLIENT_STATE = "clients"
 FORMAT = 1
 # Server-side optimizer state of Flower's strategies (FedAvgM, FedOpt family); absent attributes are skipped.
 STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
-_ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -55,7 +53,7 @@ class Checkpoint:
 
 
 def save_checkpoint(run: RunDir, server_round: int, arrays: ArrayRecord, strategy: PartialStrategy) -> None:
-    """Write ``checkpoint.pt`` for ``server_round`` atomically, then drop client states it no longer needs."""
+    """Write ``checkpoint.pt`` for ``server_round`` atomically."""
     payload = {
         "format": FORMAT,
         "round": server_round,
@@ -73,7 +71,6 @@ def save_checkpoint(run: RunDir, server_round: int, arrays: ArrayRecord, strateg
     tmp = run.file(CHECKPOINT + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, run.file(CHECKPOINT))
-    prune_client_states(run.file(CLIENT_STATE), server_round)
 
 
 def load_checkpoint(run: RunDir) -> Checkpoint:
@@ -106,14 +103,28 @@ def restore(run: RunDir, ckpt: Checkpoint, strategy: PartialStrategy) -> None:
     if strategy.sharing is not None and ckpt.sharing:
         strategy.sharing.load_state(ckpt.sharing)
     strategy.round_offset = ckpt.round
-    drop_client_states_after(run.file(CLIENT_STATE), ckpt.round)
+    PersonalStore(run.file(CLIENT_STATE)).drop_after(ckpt.round)
+
+
+class TrainedPartitions(RoundObserver):
+    """The partitions whose train replies the current round aggregated."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        self.ids = [pid for reply in replies if (pid := partition_of(reply, {})) is not None]
 
 
 def checkpointing(evaluate_fn: EvaluateFn, run: RunDir, strategy: PartialStrategy) -> EvaluateFn:
     """``evaluate_fn`` (which writes the round's metrics row) followed by a checkpoint of that round.
 
     Flower calls it after every round with its own round numbers; a resumed run adds the rounds done.
+    After the checkpoint the clients that trained in the round need only their newest personal state.
     """
+    trained = TrainedPartitions()
+    strategy.observers.append(trained)
+    store = PersonalStore(run.file(CLIENT_STATE))
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and strategy.round_offset:
@@ -122,50 +133,10 @@ def checkpointing(evaluate_fn: EvaluateFn, run: RunDir, strategy: PartialStrateg
         result = evaluate_fn(done, arrays)
         if server_round > 0:
             save_checkpoint(run, done, arrays, strategy)
+            store.prune(trained.ids, done)
         return result
 
     return evaluate_and_checkpoint
-
-
-def save_client_state(state_dir: str, partition_id: int, server_round: int, arrays: ArrayRecord) -> None:
-    """A client's personal state after training in ``server_round`` (simulation only)."""
-    folder = Path(state_dir) / f"partition-{partition_id}"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"round-{server_round:06d}.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save(arrays.to_torch_state_dict(), tmp)
-    os.replace(tmp, path)
-
-
-def load_client_state(state_dir: str, partition_id: int, server_round: int) -> dict[str, torch.Tensor] | None:
-    """The newest personal state of a round <= ``server_round``, or ``None`` (never trained)."""
-    files = [p for r, p in _client_files(Path(state_dir) / f"partition-{partition_id}") if r <= server_round]
-    return torch.load(files[-1], weights_only=True) if files else None
-
-
-def prune_client_states(state_dir: Path, server_round: int) -> None:
-    """Per partition keep the newest state of a round <= ``server_round`` (what the checkpoint needs)."""
-    for folder in _partition_folders(state_dir):
-        older = [p for r, p in _client_files(folder) if r <= server_round][:-1]
-        for path in older:
-            path.unlink(missing_ok=True)
-
-
-def drop_client_states_after(state_dir: Path, server_round: int) -> None:
-    for folder in _partition_folders(state_dir):
-        for r, path in _client_files(folder):
-            if r > server_round:
-                path.unlink()
-
-
-def _partition_folders(state_dir: Path) -> list[Path]:
-    return sorted(state_dir.glob("partition-*")) if state_dir.exists() else []
-
-
-def _client_files(folder: Path) -> list[tuple[int, Path]]:
-    """(round, path) sorted by round."""
-    found = [(m, p) for p in folder.glob("round-*.pt") if (m := _ROUND_FILE.search(p.name))]
-    return sorted((int(m.group(1)), p) for m, p in found)
 
 
 def _row_files(run: RunDir) -> list[Path]:

@@ -1,8 +1,10 @@
-"""Flower ClientApp: local training with personal layers kept in ``context.state``.
+"""Flower ClientApp: local training with personal layers kept in a :class:`PersonalStore` on disk.
 
 The experiment config arrives in every instruction (``config["experiment"]``, TOML), so the same
 ClientApp runs unchanged in the simulation engine and on SuperNodes; the partition comes from the
-node config (``partition-id``).
+node config (``partition-id``). Personal layers are on disk, not in ``context.state``: in simulation
+every node's context lives in the server process (RAM growing with the clients), and a SuperNode loses
+its context when it restarts.
 """
 
 from __future__ import annotations
@@ -12,31 +14,43 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from logging import ERROR
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from fedlayer.analysis.sharing import cost_sample, sharing_costs
-from fedlayer.checkpoint import load_client_state, save_client_state
 from fedlayer.config import Config, config_from_dict
 from fedlayer.data import TensorData
 from fedlayer.data.folder import load_folder
 from fedlayer.experiment import client_generator, cost_generator, federated_data, initial_model
 from fedlayer.models import model_blocks, model_groups
+from fedlayer.store import PersonalStore
 from fedlayer.training import evaluate, load_state, resolve_device
 from strategies.algorithms import get_algorithm
 from strategies.mechanism import COST_PREFIX, REFERENCE
 from strategies.recipes import LocalTask, personalize, train_locally
 
 app = ClientApp()
-PERSONAL = "personal"  # context.state key of the client's personal layers
+# Where personal layers live: the instruction's config (simulation: the run's clients/ folder), else the
+# node config (a SuperNode's own folder, one subfolder per run).
+STATE_DIR = "state-dir"
+NODE_STATE_DIR = "fedlayer-state"  # a SuperNode's default, relative to its working directory
 
 
 @lru_cache(maxsize=4)
 def _parse(experiment: str) -> Config:
     return config_from_dict(tomllib.loads(experiment))
+
+
+def personal_store(config: ConfigRecord, context: Context) -> PersonalStore:
+    """The store of this client's personal layers (see :data:`STATE_DIR`)."""
+    if config.get(STATE_DIR):
+        return PersonalStore(str(config[STATE_DIR]))
+    node_dir = Path(str(context.node_config.get(STATE_DIR, NODE_STATE_DIR)))
+    return PersonalStore(node_dir / f"run-{context.run_id}")
 
 
 @dataclass
@@ -52,23 +66,21 @@ class ClientJob:
     device: torch.device
     received: list[str]  # keys that came from the server (shared); the rest are personal
     incoming: dict[str, torch.Tensor]  # the received values, before training
+    store: PersonalStore
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientJob:
-        config = msg.content["config"]
+        config = msg.content.config_records["config"]
         cfg = _parse(str(config["experiment"]))
         partition_id = int(context.node_config["partition-id"])
         train_data, test_data = client_data(cfg, context.node_config)
         device = resolve_device(cfg.train.device)
         model = initial_model(cfg, train_data)
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
-        if PERSONAL not in context.state and config.get("state-dir"):
-            # A resumed simulation: personal layers come from the run directory, not the lost process.
-            personal = load_client_state(str(config["state-dir"]), partition_id, server_round)
-            if personal is not None:
-                context.state[PERSONAL] = ArrayRecord(personal)
-        if PERSONAL in context.state:
-            load_state(model, context.state[PERSONAL].to_torch_state_dict())  # type: ignore[union-attr]
+        store = personal_store(config, context)
+        personal = store.load(partition_id, server_round)
+        if personal is not None:  # else the client never trained: the initial model's personal layers
+            load_state(model, personal)
         arrays = msg.content["arrays"]
         incoming = arrays.to_torch_state_dict()  # type: ignore[union-attr]
         load_state(model, incoming)
@@ -82,6 +94,7 @@ class ClientJob:
             device,
             list(arrays.keys()),
             incoming,
+            store,
         )
 
     def task(self) -> LocalTask:
@@ -157,12 +170,8 @@ def _train(msg: Message, context: Context) -> Message:
     before = job.personalized_eval(task) if job.cfg.train.evaluate_before else None
     train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
     loss_after, acc_after = job.personalized_eval(task)
-    context.state[PERSONAL] = job.state(job.kept_keys())
+    job.store.save(job.partition_id, job.server_round, job.state(job.kept_keys()).to_torch_state_dict())
     config = msg.content["config"]
-    if config.get("state-dir"):
-        save_client_state(
-            str(config["state-dir"]), job.partition_id, job.server_round, job.state(job.kept_keys())
-        )
     full = bool(config.get("full-model", False))
     metrics = MetricRecord(
         {

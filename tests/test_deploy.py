@@ -504,3 +504,48 @@ def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: 
     (row,) = read_metrics(out)
     assert row["clients_trained"] == 2 and row["client_failures"] == 0
     assert leftovers(tmp_path) == [], "processes left behind"
+
+
+@slow
+def test_personal_layers_survive_a_supernode_restart(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """SuperNode 1 is SIGKILLed after round 1 and started again: its layers come back from its state-dir.
+
+    `local` keeps every layer personal, so a client that lost its state starts from the initial model (the
+    global model: nothing is averaged). Rows hold client means and the worst client (of 2: the lower one);
+    with a lost state the worst accuracy before training would fall back to round 1's. (With FedPer it
+    would not show here: the tiny data's trained body works with the initial head as well.)
+    """
+    overrides = [
+        *experiment(tiny_fmnist, rounds=3),
+        "strategy.name='local'",
+        "federation.min_train_clients=1",
+    ]
+    out = prepare_out(tmp_path / "run", overwrite=False)
+    restarted: list[float] = []
+    with LocalDeployment(2, ROOT, workdir=tmp_path / "work", cwd=ROOT) as deployment:
+        run_id = deployment.submit(run_config(ROOT / "experiments/default.toml", overrides, out))
+
+        def restart_after_round_one() -> None:
+            metrics = out / "metrics.jsonl"
+            if not restarted and metrics.exists() and metrics.read_text().strip():
+                deployment.kill_supernode(1, signal.SIGKILL)
+                restarted.append(time.time())
+                deployment.restart_supernode(1)
+
+        outcome = deployment.wait(run_id, timeout=1200, on_tick=restart_after_round_one)
+        deployment.collect(out)
+    assert leftovers(tmp_path) == [], "processes left behind"
+    assert outcome.ok, outcome
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[0]["clients_trained"] == 2
+    states = tmp_path / "work" / "supernode-1-state" / f"run-{run_id}" / "partition-1"
+    after_restart = [p for p in states.glob("round-*.pt") if p.stat().st_mtime > restarted[0]]
+    assert after_restart, "the restarted SuperNode never trained"
+    both = [r for r in rows[1:] if r["clients_trained"] == 2]
+    assert both, rows
+    initial = rows[0]["personalized_acc_before_worst10"]
+    print(
+        f"\nworst client before training: round 1 {initial:.3f}, later",
+        [r["personalized_acc_before_worst10"] for r in both],
+    )
+    assert all(r["personalized_acc_before_worst10"] > initial + 0.2 for r in both)

@@ -105,8 +105,9 @@ class LocalDeployment:
 
     Flower 1.42 runs the ServerApp in a ``flwr-serverapp`` process that the SuperLink's own
     ``flower-superexec`` starts per run (``--isolation subprocess``, the default); every SuperNode starts a
-    ``flower-superexec`` too, which launches one ``flwr-clientapp`` process per message. The ClientApp's
-    ``context.state`` (personal layers) is kept by the SuperNode between those processes.
+    ``flower-superexec`` too, which launches one ``flwr-clientapp`` process per message. The ClientApps keep
+    their personal layers in the SuperNode's ``state-dir`` (node config; here ``supernode-<i>-state`` in
+    the work directory), so a restarted SuperNode continues with them.
 
     A SuperNode that dies is a fault the run survives (its train reply is an error); the SuperExec and
     ClientApp processes it leaves behind are stopped at once. Every process carries ``FLWR_HOME`` of this
@@ -218,6 +219,13 @@ class LocalDeployment:
         self.nodes[index].send_signal(sig)
         self.nodes[index].wait(timeout=30)
 
+    def restart_supernode(self, index: int) -> None:
+        """Start SuperNode ``index`` again (after :meth:`kill_supernode`): same node config, same key."""
+        command = self._supernode_command(index)
+        if self.auth:
+            command += ["--auth-supernode-private-key", str(self.workdir / "keys" / f"supernode-{index}.key")]
+        self.nodes[index] = self._spawn(f"supernode-{index}", command)
+
     def submit(self, run_config: dict[str, str]) -> int:
         """Submit the app with ``run_config``; the run id (see :meth:`FlwrControl.submit`)."""
         return self._control().submit(self.app_dir, run_config)
@@ -256,7 +264,8 @@ class LocalDeployment:
         return [*command, "--enable-supernode-auth"] if self.auth else command
 
     def _supernode_command(self, index: int) -> list[str]:
-        node_config = f"partition-id={index} num-partitions={self.supernodes}"
+        state_dir = json.dumps(str(self.workdir / f"supernode-{index}-state"))
+        node_config = f"partition-id={index} num-partitions={self.supernodes} state-dir={state_dir}"
         if self.node_data is not None:
             node_config += f" data-dir={json.dumps(str(self.node_data / f'partition-{index}'))}"
         command = [executable("flower-supernode"), "--superlink", f"{HOST}:{self.port}"]
