@@ -149,12 +149,28 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     data = federated_data(cfg)
     run = RunDir.create(out, overwrite=True)
     data.write_partition_report(run.path, cfg.data.partitioner)
-    for split in data.splits:
-        print(f"client {split.partition_id}: {len(split.train_idx)} train / {len(split.test_idx)} test")
+    _print_sizes(data.splits)
     print(f"written: {run.file('partition.json')}, {run.file('partition.png')}")
     if export is not None:
         _export(cfg, data, export)
     return 0
+
+
+def _print_sizes(splits: Sequence[Any]) -> None:
+    """One line per client, or a summary beyond the clients a bar plot shows."""
+    import numpy as np
+
+    from fedlayer.data import BAR_PLOT_CLIENTS, empty_partitions
+
+    sizes = np.array([(len(s.train_idx), len(s.test_idx)) for s in splits])
+    if len(sizes) <= BAR_PLOT_CLIENTS:
+        for pid, (train, test) in enumerate(sizes):
+            print(f"client {pid}: {train} train / {test} test")
+    else:
+        low, median, high = np.quantile(sizes[:, 0], [0, 0.5, 1])
+        print(f"{len(sizes)} clients: train samples min {low:.0f}, median {median:.0f}, max {high:.0f}")
+    if empty := empty_partitions(list(splits)):
+        print(f"{len(empty)} clients hold fewer than 2 samples and would be left out of a run")
 
 
 def _export(cfg: Config, data: Any, out: Path) -> None:

@@ -108,12 +108,13 @@ def check_before_start(cfg: Config) -> None:
     import torch
 
     from fedlayer.experiment import federated_data, initial_model
-    from fedlayer.server_app import shared_layers, sharing_policy
+    from fedlayer.server_app import excluded_partitions, shared_layers, sharing_policy
     from fedlayer.simulation import load_client_app
 
     check_gpus(cfg, torch.cuda.device_count(), os.cpu_count() or 1)
     load_client_app(cfg.federation.client_app)
     data = federated_data(cfg)
+    excluded_partitions(cfg, data)
     model = initial_model(cfg, data.test)
     sharing_policy(cfg, model, shared_layers(cfg, model))
 

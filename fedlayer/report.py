@@ -89,14 +89,14 @@ def known_class_names(run_dir: Path) -> tuple[str, ...]:
 def render_run(run_dir: Path) -> list[Path]:
     """Re-render every plot of a run directory from its files; returns the files written."""
     from fedlayer.analysis.plots import plot_analysis
-    from fedlayer.data.partition import partition_figure
+    from fedlayer.data.partition import partition_plot
 
     run_dir = Path(run_dir)
     made = [path for path in [plot_accuracy(run_dir)] if path is not None]
     partition = read_json(run_dir / PARTITION)
     if partition:
         names = () if partition.get("class_names") else known_class_names(run_dir)
-        partition_figure(partition, names).savefig(run_dir / "partition.png", dpi=110)
+        partition_plot(partition, names).savefig(run_dir / "partition.png", dpi=110)
         made.append(run_dir / "partition.png")
     return made + plot_analysis(run_dir)
 

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from fedlayer.config import PARTITIONERS, DataConfig
-from fedlayer.data import ClientSplit, DataError, make_client_splits, subsample, write_partition_report
+from fedlayer.data import (
+    BAR_PLOT_CLIENTS,
+    ClientSplit,
+    DataError,
+    empty_partitions,
+    make_client_splits,
+    subsample,
+    write_partition_report,
+)
+from fedlayer.data import partition as partition_module
 
 N, CLIENTS = 1000, 10
 LABELS = np.random.default_rng(7).permutation(np.arange(N) % 10)  # 100 samples per class, shuffled
@@ -184,3 +193,64 @@ def test_pooled_data_partitions_train_and_test_and_tests_on_the_local_test_split
     separate = partitioned(data(300, 0), data(100, 1000), cfg)
     assert len(separate.train) == 300
     assert {int(v) for v in separate.test.x.flatten()} == set(range(1000, 1100))
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_partitions_are_what_flwr_datasets_load_partition_gives(partitioner: str) -> None:
+    """Read at once from the partitioner (10,000 clients in seconds) = ``load_partition`` per client."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    p = partition_module
+    cfg = DataConfig(partitioner=partitioner, min_partition_size=0)
+    order = np.random.default_rng(3).permutation(N)
+    reference = IidPartitioner(CLIENTS) if partitioner == "iid" else p._partitioner(LABELS, cfg, CLIENTS, 3)
+    reference.dataset = datasets.Dataset.from_dict({p.LABEL: LABELS[order], p.INDEX: order})
+    expected = [p._indices(reference.load_partition(pid)) for pid in range(CLIENTS)]
+    fast = p._partition(LABELS, cfg, CLIENTS, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(fast, expected, strict=True))  # order included
+
+
+def test_empty_dirichlet_clients_are_an_error_naming_the_keys_unless_the_minimum_is_zero() -> None:
+    """alpha = 0.01: each class goes (almost) whole to one client, so 20 clients cannot all get data."""
+    cfg = DataConfig(partitioner="dirichlet", alpha=0.01, min_partition_size=1)
+    with pytest.raises(DataError, match=r"data\.alpha: .*data\.min_partition_size=1.*set it to 0") as info:
+        make_client_splits(LABELS, cfg, 20, 0)
+    assert "\n" not in str(info.value)
+    cfg.min_partition_size = 0
+    splits = make_client_splits(LABELS, cfg, 20, 0)
+    empty = empty_partitions(splits)
+    assert 0 < len(empty) < 20
+    for s in splits:
+        assert (s.partition_id in empty) == (len(s.train_idx) == 0 or len(s.test_idx) == 0)
+
+
+def test_ten_thousand_clients_without_enough_data_fail_with_the_key() -> None:
+    labels = np.arange(60_000) % 10
+    with pytest.raises(
+        DataError, match=r"data\.min_partition_size: 10 samples x 10000 clients = 100000 > 60000"
+    ):
+        make_client_splits(labels, DataConfig(partitioner="dirichlet", min_partition_size=10), 10_000, 0)
+    # Feasible by count, not by Dirichlet draws: flwr-datasets gives up after 11 draws (1,000 clients keep
+    # the test short; 10,000 take ~30 s here).
+    with pytest.raises(DataError, match=r"data\.alpha: Dirichlet\(alpha=0\.3\) over 1000 clients"):
+        make_client_splits(labels[:6000], DataConfig(partitioner="dirichlet", min_partition_size=3), 1000, 0)
+
+
+def test_many_clients_get_a_summary_plot_and_the_empty_ones_are_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_bars(*args: object) -> None:
+        raise AssertionError("one bar per client drawn for many clients")
+
+    monkeypatch.setattr(partition_module, "partition_figure", no_bars)
+    clients = BAR_PLOT_CLIENTS + 100
+    labels = np.random.default_rng(0).permutation(np.arange(3000) % 10)
+    cfg = DataConfig(partitioner="dirichlet", alpha=0.1, min_partition_size=0)
+    splits = make_client_splits(labels, cfg, clients, 0)
+    write_partition_report(tmp_path, splits, labels, 10, partitioner="dirichlet")
+    report = json.loads((tmp_path / "partition.json").read_text())
+    assert len(report["clients"]) == clients
+    assert report["empty_partitions"] == empty_partitions(splits) != []
+    png = (tmp_path / "partition.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
