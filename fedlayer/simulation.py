@@ -14,6 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedlayer.config import Config, ConfigError
 from fedlayer.results import RoundCallback, RunDir
 
+# Messages up to this size travel inline with the task, not through Ray's shared-memory object store: the
+# server process maps every store page a message ever used, so its RSS grew ~0.3 MiB per round
+# (RssShmem, bench/memory.py). Bigger messages (e.g. ResNet-18 models) still use the store.
+INLINE_MESSAGES = {"max_direct_call_object_size": 16 * 2**20, "task_rpc_inlined_bytes_limit": 16 * 2**20}
+
 
 def backend_config(cfg: Config) -> dict[str, object]:
     """Ray resources: each client actor asks for ``client_cpus`` / ``client_gpus`` (checked to fit by
@@ -25,6 +30,7 @@ def backend_config(cfg: Config) -> dict[str, object]:
         "include_dashboard": False,
         "logging_level": logging.ERROR,
         "log_to_driver": False,
+        "_system_config": INLINE_MESSAGES,
     }
     return {"client_resources": {"num_cpus": f.client_cpus, "num_gpus": f.client_gpus}, "init_args": init}
 

@@ -143,13 +143,14 @@ def reply_fault(
 
 
 class _OrderedGrid:
-    """A Grid whose node ids come sorted by partition id, so seeded sampling picks the same partitions."""
+    """A Grid whose node ids come sorted by partition id, so seeded sampling picks the same partitions;
+    nodes of ``excluded`` partitions are left out."""
 
-    def __init__(self, grid: Grid, partitions: dict[int, int]) -> None:
-        self._grid, self._partitions = grid, partitions
+    def __init__(self, grid: Grid, partitions: dict[int, int], excluded: set[int]) -> None:
+        self._grid, self._partitions, self._excluded = grid, partitions, excluded
 
     def get_node_ids(self) -> list[int]:
-        nodes = list(self._grid.get_node_ids())
+        nodes = [n for n in self._grid.get_node_ids() if self._partitions.get(n) not in self._excluded]
         return sorted(nodes, key=lambda n: (self._partitions.get(n, len(nodes)), n))
 
     def __getattr__(self, name: str) -> Any:
@@ -184,7 +185,9 @@ class PartialStrategy(Strategy):
     round_offset : int
         Rounds already done before this ``start`` (resuming): added to Flower's round numbers.
     partitions : dict[int, int]
-        Node id -> partition id, learned from replies (or set up front).
+        Node id -> partition id, set up front (simulation, SuperNode query) or learned from replies.
+    excluded : set[int]
+        Partition ids never sampled (clients without data).
     recipients : dict[str, int]
         Message id -> destination node of this round's train instructions. When a SuperNode is gone, the
         SuperLink answers in its place (the reply's source is the SuperLink); the instruction it replies
@@ -205,6 +208,7 @@ class PartialStrategy(Strategy):
         self.sampling_seed = sampling_seed
         self.round_offset = 0
         self.partitions: dict[int, int] = {}
+        self.excluded: set[int] = set()
         self.recipients: dict[str, int] = {}
         self._train_messages: list[Message] = []
         self.sharing = sharing
@@ -383,7 +387,7 @@ class PartialStrategy(Strategy):
         state = random.getstate()
         random.seed(f"{self.sampling_seed}:{kind}:{server_round}")
         try:
-            ordered = cast(Grid, _OrderedGrid(grid, self.partitions))
+            ordered = cast(Grid, _OrderedGrid(grid, self.partitions, self.excluded))
             return list(configure(server_round, self._shared(arrays), config, ordered))
         finally:
             random.setstate(state)
