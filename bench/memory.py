@@ -1,9 +1,10 @@
 """Server-process memory over a long run: 100 clients, 10% sampled per round, 50 rounds, small model.
 
 Records the resident set size (VmRSS of this process, which hosts the ServerApp and the Ray driver in
-Flower's simulation) after every round and fits a line over rounds >= 5: flat within noise is the goal.
-Personal layers live with the clients (context.state / the run's clients/ folder), so the server should
-not grow with the number of clients or rounds.
+Flower's simulation; also its private heap RssAnon and shared memory RssShmem, which holds the Ray object
+store pages this process touched) after every round and fits a line over rounds >= 5: flat within noise is
+the goal. Personal layers live on disk (the run's clients/ folder), so the server should not grow with the
+number of clients or rounds.
 
     .venv/bin/python bench/memory.py [--clients 100] [--rounds 50] [--json FILE]
 """
@@ -25,11 +26,17 @@ from fedlayer.simulation import simulate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def rss_mib() -> float:
+PARTS = ("VmRSS", "RssAnon", "RssShmem")  # resident = private heap + file mappings + shared memory (Ray's)
+
+
+def rss_mib() -> dict[str, float]:
+    """Resident memory of this process and two of its parts, in MiB."""
+    found = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+        key, _, value = line.partition(":")
+        if key in PARTS:
+            found[key] = int(value.split()[0]) / 1024
+    return found
 
 
 def main() -> None:
@@ -57,7 +64,7 @@ def main() -> None:
             "train.device='cpu'",
         ],
     )
-    rss: list[float] = []
+    rss: list[dict[str, float]] = []
 
     def on_round(row: dict[str, Any]) -> None:
         if row["round"] > 0:
@@ -65,14 +72,18 @@ def main() -> None:
 
     simulate(cfg, RunDir.create(Path(tempfile.mkdtemp(prefix="fedlayer-mem-")) / "run"), on_round)
     rounds = np.arange(1, len(rss) + 1)
-    slope = float(np.polyfit(rounds[4:], rss[4:], 1)[0])
+    series = {part: [row[part] for row in rss] for part in PARTS}
+    vm = series["VmRSS"]
     result = {
         "clients": args.clients,
         "rounds": args.rounds,
         "strategy": args.strategy,
-        "rss_mib_first_last": [round(rss[0], 1), round(rss[-1], 1)],
-        "rss_mib_every_10": [round(v, 1) for v in rss[::10]],
-        "slope_mib_per_round": round(slope, 3),
+        "rss_mib_first_last": [round(vm[0], 1), round(vm[-1], 1)],
+        "rss_mib_every_10": [round(v, 1) for v in vm[::10]],
+        "slope_mib_per_round": round(float(np.polyfit(rounds[4:], vm[4:], 1)[0]), 3),
+        "slope_by_part": {
+            part: round(float(np.polyfit(rounds[4:], values[4:], 1)[0]), 3) for part, values in series.items()
+        },
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -1,0 +1,160 @@
+"""Many clients on one machine: 100, 1,000 and 10,000 virtual clients, 20 of them per round.
+
+Fashion-MNIST, IID and Dirichlet(0.3), FedPer, the default CNN, 6 training-pool samples per client at every
+size (``data.max_samples`` = 6 x clients), so that a round does the same work whatever the number of
+clients. Every configuration runs in its own process (its own Ray, a fresh RSS); per configuration:
+
+- start-up: process start to the first round's instructions (imports, partitioning, partition report, Ray),
+  plus round 1's extra time over the median round (client actors start, import torch, load the data);
+- median round time (rounds >= 2) and its ratio to the 100-client run of the same partitioner;
+- server RSS (the process hosting the ServerApp and the Ray driver) after every round, its slope over
+  rounds > 5, and the mean RSS after round 5 as a ratio to the 100-client run;
+- disk used by the personal states (``clients/`` of the run directory) at the end.
+
+    python bench/scale.py [--sizes 100 1000 10000] [--partitioners iid dirichlet] [--rounds 50]
+                          [--out /tmp/scale-bench] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+STARTED = time.perf_counter()  # before the heavy imports: a user's run pays for them too
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_ROUND = 20
+SAMPLES_PER_CLIENT = 6  # 10,000 clients x 6 = the 60,000 training images
+
+
+def overrides(clients: int, partitioner: str, rounds: int, fraction: float) -> list[str]:
+    return [
+        f"federation.clients={clients}",
+        f"federation.rounds={rounds}",
+        f"federation.fraction_train={fraction}",
+        f"federation.fraction_evaluate={fraction}",
+        f"data.partitioner='{partitioner}'",
+        "data.alpha=0.3",
+        "data.min_partition_size=0",  # Dirichlet: clients left without data are excluded (and counted)
+        f"data.max_samples={SAMPLES_PER_CLIENT * clients}",
+        "data.max_test_samples=2000",
+        "strategy.name='fedper'",
+        "train.device='cpu'",
+    ]
+
+
+def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any]:
+    """Run one configuration in this process and measure it."""
+    import numpy as np
+    import psutil
+
+    from fedlayer.config import load_config
+    from fedlayer.data import empty_partitions
+    from fedlayer.experiment import federated_data
+    from fedlayer.results import RunDir
+    from fedlayer.simulation import simulate
+    from fedlayer.store import PersonalStore
+
+    default = ROOT / "experiments" / "default.toml"
+    cfg = load_config(default, overrides(clients, partitioner, rounds, 1.0))
+    partitioned = time.perf_counter()
+    empty = len(empty_partitions(federated_data(cfg).splits))  # cached: the server reuses it
+    partition_seconds = time.perf_counter() - partitioned
+    usable = clients - empty
+    # Flower samples int(nodes x fraction): a half client more keeps float rounding from giving 19.
+    cfg = load_config(default, overrides(clients, partitioner, rounds, min(1.0, (PER_ROUND + 0.5) / usable)))
+    process = psutil.Process()
+    rss: list[float] = []
+    ends: list[tuple[float, dict[str, Any]]] = []
+
+    def on_round(row: dict[str, Any]) -> None:
+        if row["round"] > 0:
+            rss.append(process.memory_info().rss / 2**20)
+            ends.append((time.perf_counter(), row))
+
+    run = RunDir.create(out / f"{partitioner}-{clients}", overwrite=True)
+    simulate(cfg, run, on_round)
+    seconds = [row["round_seconds"] for _, row in ends]
+    median = statistics.median(seconds[1:])
+    first_start = ends[0][0] - seconds[0] - STARTED
+    rounds_after_5 = np.arange(1, len(rss) + 1)[5:]
+    store = PersonalStore(run.file("clients"))
+    return {
+        "clients": clients,
+        "partitioner": partitioner,
+        "rounds": len(ends),
+        "clients_excluded": empty,
+        "clients_per_round": [row["clients_trained"] for _, row in ends][:3],
+        "partition_seconds": round(partition_seconds, 2),
+        "seconds_to_round_1": round(first_start, 1),
+        "round_1_seconds": round(seconds[0], 2),
+        "startup_seconds": round(first_start + seconds[0] - median, 1),
+        "median_round_seconds": round(median, 3),
+        "rss_mib": [round(v, 1) for v in rss],
+        "rss_mean_after_5_mib": round(float(np.mean(rss[5:])), 1),
+        "rss_slope_mib_per_round": round(float(np.polyfit(rounds_after_5, rss[5:], 1)[0]), 4),
+        "state_files": sum(1 for _ in store.root.rglob("round-*.pt")),
+        "state_disk_mib": round(store.disk_bytes() / 2**20, 2),
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown rows with the ratios to the 100-client run of the same partitioner."""
+    base = {r["partitioner"]: r for r in results if r["clients"] == min(x["clients"] for x in results)}
+    lines = [
+        "| partitioner | clients | excluded | start-up (s) | to round 1 (s) | median round (s) | round ratio "
+        "| RSS after r5 (MiB) | RSS ratio | RSS slope (MiB/round) | personal state (files, MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        b = base[r["partitioner"]]
+        round_ratio = r["median_round_seconds"] / b["median_round_seconds"]
+        rss_ratio = r["rss_mean_after_5_mib"] / b["rss_mean_after_5_mib"]
+        lines.append(
+            f"| {r['partitioner']} | {r['clients']:,} | {r['clients_excluded']} | {r['startup_seconds']} "
+            f"| {r['seconds_to_round_1']} | {r['median_round_seconds']:.2f} | {round_ratio:.2f} "
+            f"| {r['rss_mean_after_5_mib']:.0f} | {rss_ratio:.2f} | {r['rss_slope_mib_per_round']:.3f} "
+            f"| {r['state_files']}, {r['state_disk_mib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--partitioners", nargs="+", default=["iid", "dirichlet"])
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/scale-bench"))
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--one", nargs=2, metavar=("CLIENTS", "PARTITIONER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        result = one(int(args.one[0]), args.one[1], args.rounds, args.out)
+        print("RESULT " + json.dumps(result))
+        return
+    results = []
+    for partitioner in args.partitioners:
+        for clients in args.sizes:
+            command = [sys.executable, __file__, "--one", str(clients), partitioner]
+            command += ["--rounds", str(args.rounds), "--out", str(args.out)]
+            proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise SystemExit(f"{partitioner} x {clients} failed:\n{proc.stderr[-3000:]}")
+            results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "rss_mib"}), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
