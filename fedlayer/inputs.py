@@ -108,7 +108,8 @@ def check_before_start(cfg: Config) -> None:
     import torch
 
     from fedlayer.experiment import federated_data, initial_model
-    from fedlayer.server_app import excluded_partitions, shared_layers, sharing_policy
+    from fedlayer.nodes import excluded_partitions
+    from fedlayer.server_app import shared_layers, sharing_policy
     from fedlayer.simulation import load_client_app
 
     check_gpus(cfg, torch.cuda.device_count(), os.cpu_count() or 1)

@@ -11,9 +11,8 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
@@ -21,15 +20,14 @@ from fedlayer.analysis.hook import GLOBAL, AnalysisHook, is_analysis_round
 from fedlayer.analysis.plots import LAYERS_BY_ROUND, plot_shared_blocks
 from fedlayer.checkpoint import CLIENT_STATE, checkpointing, load_checkpoint, restore
 from fedlayer.config import NORMS, Config, ConfigError, check_gpus, load_config, to_toml
-from fedlayer.data import DataError, empty_partitions
 from fedlayer.experiment import FederatedData, federated_data, initial_model
 from fedlayer.layers import Resolution, Selector, SelectorError, resolve
 from fedlayer.models import model_groups
+from fedlayer.nodes import PartitionCheck, excluded_partitions, node_partitions
 from fedlayer.report import plot_accuracy
 from fedlayer.results import RoundCallback, RoundRecorder, RunDir, save_arrays
 from fedlayer.training import evaluate, resolve_device
 from strategies import PartialStrategy, RoundObserver, aggregator_name, get_algorithm, make_aggregator
-from strategies.mechanism import partition_of
 from strategies.sharing import LmcPolicy, LmcRule, SharingPolicy
 
 app = ServerApp()
@@ -132,59 +130,6 @@ def global_evaluator(
     return evaluate_fn
 
 
-def excluded_partitions(cfg: Config, data: FederatedData) -> list[int]:
-    """Partitions without a training or a local test sample: left out of training and evaluation.
-
-    Counting them would add accuracy-0 clients (nothing to test on) and zero-weight updates. Raises
-    ``DataError`` when fewer than ``federation.min_train_clients`` clients would remain.
-    """
-    empty = empty_partitions(data.splits)
-    usable = len(data.splits) - len(empty)
-    needed = min(cfg.federation.min_train_clients, cfg.federation.clients)
-    if usable < needed:
-        raise DataError(
-            f"data.partitioner: only {usable} of {len(data.splits)} clients hold at least 2 samples, fewer "
-            f"than federation.min_train_clients={needed}; raise data.alpha or data.max_samples, or lower "
-            "federation.clients"
-        )
-    return empty
-
-
-def simulated_partitions(grid: Grid, clients: int, timeout: float = 60.0) -> dict[int, int] | None:
-    """Node id -> partition id in Flower's simulation engine, without a message; ``None`` elsewhere.
-
-    flwr 1.42 registers the node of partition i as the i-th node of its in-memory LinkState
-    (``vce_api._register_nodes``), which keeps nodes in that order. The strategy checks the partition id
-    of every reply against this mapping.
-    """
-    state = getattr(grid, "state", None)
-    if not isinstance(grid, InMemoryGrid) or not isinstance(state, InMemoryLinkState):
-        return None
-    deadline = time.monotonic() + timeout  # the engine registers its nodes while the ServerApp starts
-    while len(nodes := state.get_node_info()) < clients and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return {node.node_id: pid for pid, node in enumerate(nodes)}
-
-
-class PartitionCheck(RoundObserver):
-    """Fails the run when a reply's partition id contradicts the node -> partition mapping assumed up front
-    (sampling would no longer be reproducible, nor excluded clients left out)."""
-
-    def __init__(self, partitions: dict[int, int]) -> None:
-        self.partitions = dict(partitions)
-
-    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
-        for reply in replies:
-            node, pid = reply.metadata.src_node_id, partition_of(reply, {})
-            if pid is not None and self.partitions.get(node, pid) != pid:
-                raise RuntimeError(
-                    f"node {node} replied as partition-id={pid} but was taken for partition-id="
-                    f"{self.partitions[node]}: the engine's node order is not the partition order"
-                )
-
-    on_evaluate_replies = on_train_replies
-
-
 class HeapTrim(RoundObserver):
     """Hands the memory freed during a round back to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
 
@@ -199,33 +144,6 @@ class HeapTrim(RoundObserver):
     def on_evaluate_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         if self._trim is not None:
             self._trim(0)
-
-
-def discover_partitions(grid: Grid) -> dict[int, int]:
-    """Node id -> partition id of the connected SuperNodes (a ``query.partition`` message to each)."""
-    messages = [
-        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.partition")
-        for node in grid.get_node_ids()
-    ]
-    replies = grid.send_and_receive(messages)
-    return {
-        r.metadata.src_node_id: int(r.content["metrics"]["partition-id"])  # type: ignore[arg-type]
-        for r in replies
-        if r.has_content()
-    }
-
-
-def node_partitions(grid: Grid, cfg: Config, excluding: bool) -> dict[int, int]:
-    """What seeded sampling (and leaving clients out) needs to know before round 1.
-
-    A simulation knows it for free; SuperNodes are asked (one message each, in parallel) only when
-    sampling or exclusion needs it: otherwise replies teach the strategy.
-    """
-    simulated = simulated_partitions(grid, cfg.federation.clients)
-    if simulated is not None:
-        return simulated
-    f = cfg.federation
-    return discover_partitions(grid) if f.fraction_train < 1 or f.fraction_evaluate < 1 or excluding else {}
 
 
 class AnalysisObserver(RoundObserver):

@@ -19,8 +19,9 @@ from fedlayer.config import Config, load_config
 from fedlayer.data import ClientSplit, DataError, TensorData
 from fedlayer.experiment import FederatedData
 from fedlayer.models import build_model
+from fedlayer.nodes import excluded_partitions
 from fedlayer.results import RunDir
-from fedlayer.server_app import excluded_partitions, shared_layers
+from fedlayer.server_app import shared_layers
 from fedlayer.store import PersonalStore
 from strategies import PartialStrategy
 
