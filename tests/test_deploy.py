@@ -236,7 +236,11 @@ def deployed_and_simulated(
 ) -> Iterator[tuple[Finished, Finished]]:
     """The same 2-round FedPer experiment deployed (2 SuperNodes) and simulated, side by side."""
     tmp = tmp_path_factory.mktemp("deploy")
-    overrides = experiment(tiny_fmnist)
+    yield side_by_side(tmp, experiment(tiny_fmnist))
+
+
+def side_by_side(tmp: Path, overrides: list[str]) -> tuple[Finished, Finished]:
+    """One experiment deployed (``tmp``/deploy) and simulated (``tmp``/sim) at the same time."""
     sim_args = cli("fedlayer.cli", "run", "experiments/default.toml", "--out", str(tmp / "sim"))
     started = time.perf_counter()
     sim = subprocess.Popen(
@@ -255,7 +259,7 @@ def deployed_and_simulated(
     simulated = Finished(tmp / "sim", sim.returncode, sim_out, time.perf_counter() - started)
     print(f"\ndeployment {deployed.seconds:.0f} s, simulation {simulated.seconds:.0f} s (side by side)")
     assert leftovers(tmp) == [], "processes left behind"
-    yield deployed, simulated
+    return deployed, simulated
 
 
 @slow
@@ -318,6 +322,28 @@ def test_deployment_matches_the_simulation(deployed_and_simulated: tuple[Finishe
         assert d["bytes_up"] == s["bytes_up"] and d["bytes_down"] == s["bytes_down"]
     worst = max(abs(d[k] - s[k]) for d, s in zip(dep, sim, strict=True) for k in COMPARED + COMPARED_LOSSES)
     print(f"\nlargest deployment-simulation difference: {worst:.2e}")
+
+
+@slow
+def test_lmc_decides_in_the_serverapp_of_a_deployment(tiny_fmnist: Path, tmp_path: Path) -> None:
+    # Barrier-guided sharing needs nothing from the engine: the clients measure their costs in the
+    # ClientApp, the ServerApp decides. Half of the blocks (the cheapest) are shared from round 2 on.
+    overrides = [
+        *experiment(tiny_fmnist, rounds=3),
+        "strategy.name='lmc'",
+        "strategy.lmc_share_fraction=0.5",
+    ]
+    deployed, simulated = side_by_side(tmp_path, overrides)
+    assert deployed.returncode == 0 and simulated.returncode == 0, deployed.output[-3000:]
+    dep, sim = read_metrics(deployed.out), read_metrics(simulated.out)
+    assert [r["shared_blocks"] for r in dep] == [r["shared_blocks"] for r in sim]
+    assert len(dep[0]["shared_blocks"]) == 4 and len(dep[1]["shared_blocks"]) == 2
+    history = json.loads((deployed.out / "layers_by_round.json").read_text())
+    assert [history["rounds"][str(r["round"])]["shared"] for r in dep] == [r["shared_blocks"] for r in dep]
+    assert set(history["rounds"]["1"]["costs"]) == {"conv1", "conv2", "fc1", "fc2"}  # measured by clients
+    for d, s in zip(dep, sim, strict=True):
+        assert d["bytes_up"] == s["bytes_up"] and d["bytes_down"] == s["bytes_down"]
+        assert d["personalized_acc"] == pytest.approx(s["personalized_acc"], abs=ACC_TOL)
 
 
 @slow
