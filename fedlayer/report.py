@@ -25,6 +25,7 @@ from fedlayer.readers import (
     midpoint,
     read_barriers,
     read_json,
+    read_landscape,
     read_metrics,
 )
 
@@ -98,7 +99,70 @@ def render_run(run_dir: Path) -> list[Path]:
         names = () if partition.get("class_names") else known_class_names(run_dir)
         partition_plot(partition, names).savefig(run_dir / "partition.png", dpi=110)
         made.append(run_dir / "partition.png")
-    return made + plot_analysis(run_dir)
+    return made + plot_analysis(run_dir) + write_prediction_table(run_dir)
+
+
+# ----------------------------------------------------------------------------- Landscaping's prediction
+
+PREDICTION = "prediction.md"
+
+
+def _spearman(a: pd.Series, b: pd.Series) -> float:
+    return float(a.rank().corr(b.rank()))  # Pearson of the ranks (no SciPy needed)
+
+
+def prediction_table(landscape: pd.DataFrame) -> pd.DataFrame:
+    """Per block (``*`` = all blocks, the full model): how well −⅛ ΔᵀHΔ predicts the measured midpoint
+    barrier over rounds and pairs — Pearson and Spearman correlation, the ratio measured / predicted
+    (median and interquartile range), how often the signs agree, and the round of the largest miss."""
+    if landscape.empty:
+        return pd.DataFrame()
+    points = landscape.dropna(subset=["predicted_barrier", "measured_barrier"])
+    rows = []
+    for block, group in points.groupby("block", sort=False):
+        predicted, measured = group["predicted_barrier"], group["measured_barrier"]
+        ratio = measured / predicted.where(predicted != 0)
+        miss = (measured - predicted).abs()
+        rows.append(
+            {
+                "block": "* (full model)" if block == "*" else block,
+                "points": len(group),
+                "pearson": float(predicted.corr(measured)),
+                "spearman": _spearman(predicted, measured),
+                "ratio_median": float(ratio.median()),
+                "ratio_q25": float(ratio.quantile(0.25)),
+                "ratio_q75": float(ratio.quantile(0.75)),
+                "sign_agreement": float((np.sign(predicted) == np.sign(measured)).mean()),
+                "worst_round": int(group.loc[miss.idxmax(), "round"]),
+                "worst_miss": float(miss.max()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A plain Markdown table; numbers to 3 significant digits."""
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(map(_fmt, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_prediction_table(run_dir: Path) -> list[Path]:
+    """``prediction.md`` / ``.csv`` beside ``barrier_predicted.png`` when the run has landscape rows."""
+    table = prediction_table(read_landscape(run_dir))
+    if table.empty:
+        return []
+    table.to_csv(run_dir / "prediction.csv", index=False)
+    header = (
+        "Predicted (−⅛ ΔᵀHΔ, Hessian at the path midpoint) vs measured midpoint barrier of the single-block"
+        " path, per block over rounds and pairs; ratio = measured / predicted.\n\n"
+    )
+    (run_dir / PREDICTION).write_text(header + markdown(table))
+    return [run_dir / "prediction.csv", run_dir / PREDICTION]
 
 
 # ----------------------------------------------------------------------------- compare table

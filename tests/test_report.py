@@ -25,6 +25,7 @@ from fedlayer.report import (
     accuracy_figure,
     compare_heatmap_figure,
     known_class_names,
+    prediction_table,
     render,
     summary_table,
     table_markdown,
@@ -209,6 +210,29 @@ def test_predicted_vs_measured_has_blocks_a_legend_and_a_labelled_identity(run_d
     colours = {tuple(c.get_facecolor()[0]) for c in ax.collections}
     assert len(colours) == len(BLOCKS) + 1  # one colour per block
     assert "predicted" in ax.get_xlabel() and "measured" in ax.get_ylabel()
+
+
+def test_prediction_table_scores_the_second_order_prediction_per_block(tmp_path: Path) -> None:
+    predicted = [-0.05, -0.1, -0.2, -0.3, -0.4]
+    rows = [  # fc1: measured = 2 x predicted, except round 3 (a miss); full model: the opposite sign
+        {"round": r, "client_a": "0", "client_b": "1", "block": block, "predicted_barrier": p}
+        | {"measured_barrier": m, "hessian_at": "midpoint"}
+        for r, p in enumerate(predicted, start=1)
+        for block, m in (("fc1", 2 * p - 0.5 * (r == 3)), ("*", -p))
+    ]
+    run = tmp_path / "run"
+    write_metrics(run, 5, pooled=True)
+    pd.DataFrame(rows, columns=LANDSCAPE_COLUMNS).to_csv(run / "landscape.csv", index=False)
+    table = prediction_table(read_landscape(run)).set_index("block")
+    fc1, full = table.loc["fc1"], table.loc["* (full model)"]
+    assert fc1["points"] == 5 and fc1["spearman"] == pytest.approx(0.7)  # round 3 moves 2 ranks: 1 − 6·6/120
+    assert 0.7 < fc1["pearson"] < 0.9 and fc1["ratio_median"] == pytest.approx(2.0)
+    assert fc1["sign_agreement"] == 1.0 and fc1["worst_round"] == 3
+    assert full["pearson"] == pytest.approx(-1.0) and full["spearman"] == pytest.approx(-1.0)
+    assert full["sign_agreement"] == 0.0 and full["ratio_median"] == pytest.approx(-1.0)
+    render(run)  # `fedlayer report RUN` writes the table beside barrier_predicted.png
+    assert (run / "prediction.md").read_text().count("\n| ") == 3  # the header row and two blocks
+    assert "fc1 | 5 |" in (run / "prediction.md").read_text()
 
 
 def test_compare_accuracy_says_what_the_band_is(run_dir: Path, tmp_path: Path) -> None:
