@@ -1,10 +1,13 @@
 """Cost of the per-round analysis hook: the same federation with the hook every round vs off.
 
-Both runs in this process, one after the other, same config and seed; prints the median round time of
-rounds >= 2 of each and their ratio (goal on CPU: <= 1.10). The hook uses its default settings
-(client pairs among up to 4 clients, midpoint only, 2000 evaluation samples) on a Ray actor.
+All runs in this process, one after the other, same config and seed (training is deterministic, so every
+run analyses the same client models); prints the median round time of rounds >= 2 of each run and its ratio
+to the run without the hook (goal on CPU: <= 1.10). The hook runs with its defaults (client pairs among up to
+4 clients, midpoint only, on a Ray actor), once per ``--samples`` value (evaluation samples per pair); for
+every value but the first, the largest difference of its barriers from the first value's shows what the
+smaller evaluation set costs in precision.
 
-    .venv/bin/python bench/hook_overhead.py [--rounds 4] [--max-samples 12000]
+    .venv/bin/python bench/hook_overhead.py [--rounds 4] [--max-samples 12000] [--samples 2000 500]
 """
 
 from __future__ import annotations
@@ -14,19 +17,35 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from fedlayer.config import load_config
+from fedlayer.readers import read_barriers
 from fedlayer.results import RunDir
 from fedlayer.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
+KEY = ["round", "client_a", "client_b", "kind", "base", "block"]
 
 
-def round_times(overrides: list[str]) -> list[float]:
+def run(overrides: list[str]) -> RunDir:
     cfg = load_config(ROOT / "experiments" / "default.toml", overrides)
-    run = RunDir.create(Path(tempfile.mkdtemp(prefix="fedlayer-hook-")) / "run")
-    simulate(cfg, run)
-    return [row["round_seconds"] for row in run.read_jsonl()]
+    out = RunDir.create(Path(tempfile.mkdtemp(prefix="fedlayer-hook-")) / "run")
+    simulate(cfg, out)
+    return out
+
+
+def steady(out: RunDir) -> float:
+    """Median round time of rounds >= 2 (round 1 also starts the actors)."""
+    return statistics.median(row["round_seconds"] for row in out.read_jsonl()[1:])
+
+
+def largest_difference(reference: pd.DataFrame, other: pd.DataFrame) -> float:
+    """Largest |barrier difference| over the rows both runs measured."""
+    joined = reference.merge(other, on=KEY, suffixes=("_ref", "_other"))
+    return float((joined["barrier_ref"] - joined["barrier_other"]).abs().max())
 
 
 def main() -> None:
@@ -35,21 +54,26 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--max-samples", type=int, default=12000)
+    parser.add_argument("--samples", type=int, nargs="+", default=[2000])
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    common = [
-        f"federation.rounds={args.rounds}",
-        f"data.max_samples={args.max_samples}",
-        "train.device='cpu'",
-    ]
-    off = round_times([*common, "analysis.every=0"])
-    on = round_times([*common, "analysis.every=1"])
-    result = {
+    common = [f"federation.rounds={args.rounds}", f"data.max_samples={args.max_samples}"]
+    common.append("train.device='cpu'")
+    off = run([*common, "analysis.every=0"])
+    hooked = {n: run([*common, "analysis.every=1", f"analysis.samples={n}"]) for n in args.samples}
+    reference = read_barriers(hooked[args.samples[0]].path)
+    result: dict[str, Any] = {
         "rounds": args.rounds,
         "max_samples": args.max_samples,
-        "round_s": {"hook_off": [round(t, 2) for t in off], "hook_every_round": [round(t, 2) for t in on]},
-        "steady_round_ratio": round(statistics.median(on[1:]) / statistics.median(off[1:]), 3),
+        "round_s": {"hook_off": [round(r["round_seconds"], 2) for r in off.read_jsonl()]},
+        "steady_round_ratio": {},
+        "largest_barrier_difference": {},
     }
+    for n, out in hooked.items():
+        result["round_s"][f"hook_samples_{n}"] = [round(r["round_seconds"], 2) for r in out.read_jsonl()]
+        result["steady_round_ratio"][n] = round(steady(out) / steady(off), 3)
+        difference = largest_difference(reference, read_barriers(out.path))
+        result["largest_barrier_difference"][n] = round(difference, 4)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
