@@ -78,17 +78,28 @@ def load_checkpoint(run: RunDir) -> Checkpoint:
     path = run.file(CHECKPOINT)
     if not path.exists():
         raise ConfigError(f"--resume: {str(run.path)!r} has no {CHECKPOINT}; no round of it completed")
-    raw = torch.load(path, weights_only=True)
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in raw["arrays"].items()})
-    return Checkpoint(
-        raw["round"],
-        arrays,
-        raw["strategy"],
-        raw["rng"],
-        raw["metrics"],
-        raw["row_files"],
-        raw.get("sharing", {}),
-    )
+    try:
+        raw = torch.load(path, weights_only=True)
+        arrays = ArrayRecord({k: Array(v.numpy()) for k, v in raw["arrays"].items()})
+        return Checkpoint(
+            raw["round"],
+            arrays,
+            raw["strategy"],
+            raw["rng"],
+            raw["metrics"],
+            raw["row_files"],
+            raw.get("sharing", {}),
+        )
+    except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError, ... for a damaged file
+        raise ConfigError(
+            f"--resume: {str(path)!r} is damaged ({type(err).__name__}: {_first_line(err)}), so the state "
+            f"of the run's last round is gone and it cannot be resumed; start over with "
+            f"`fedlayer run {run.file('config.resolved.toml')} --out NEW_DIR`"
+        ) from err
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or ["empty file"])[0]
 
 
 def restore(run: RunDir, ckpt: Checkpoint, strategy: PartialStrategy) -> None:

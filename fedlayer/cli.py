@@ -1,13 +1,15 @@
-"""``fedlayer`` command line: run | partitions | compare | report | deploy | config."""
+"""``fedlayer`` command line: run | cleanup | partitions | compare | report | deploy | config."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ from fedlayer.inputs import (
     report_bad_input,
 )
 
+# What a resumed run may change: more rounds, another Ray cluster (neither changes the rounds already done).
+RESUME_OVERRIDES = ("federation.rounds", "federation.ray_address")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fedlayer", description=__doc__)
@@ -38,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         help="continue RUN_DIR from its last complete round (--set federation.rounds=N extends it)",
     )
     run.add_argument("--tensorboard", action="store_true", help="per-round scalars to RUN_DIR/tensorboard")
+    cleanup = sub.add_parser("cleanup", help="stop the processes a killed run left running (its private Ray)")
+    cleanup.add_argument("run_dir", metavar="RUN_DIR")
     parts = sub.add_parser("partitions", help="partition the data as configured and write partition.json/png")
     add_config(parts)
     add_out(parts, "output directory: new, empty or a previous partitions output", default="runs/partitions")
@@ -72,51 +79,107 @@ def _default_out(config_path: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One run, holding the run directory's lock throughout; exit 128 + signal number after Ctrl-C."""
     if args.resume:
-        cfg, run = _resumed(args)
-        check_before_start(cfg)
+        flag, path = "--resume", _resume_dir(args)
     else:
         cfg = load(args)  # validated before torch, Flower and Ray are imported: a bad input fails in < 1 s
-        out = check_out(args.out or _default_out(args.config))
+        flag, path = "--out", check_out(args.out or _default_out(args.config))
+    with _locked(flag, path):  # first: a second run into `path` fails at once, before the slow checks
+        if args.resume:
+            cfg, run = _resumed(args, path)
         check_before_start(cfg)
-        from fedlayer.results import RunDir
+        if not args.resume:
+            from fedlayer.results import RunDir
 
-        run = RunDir.create(out, overwrite=args.overwrite)
-    from fedlayer.progress import RoundProgress
-    from fedlayer.results import TensorBoardLog
-    from fedlayer.simulation import simulate
-
-    with (
-        RoundProgress(cfg.federation.rounds) as progress,
-        TensorBoardLog(run, enabled=args.tensorboard) as tb,
-    ):
-
-        def on_round(row: dict[str, Any]) -> None:
-            progress.update(row)
-            tb.add(row)
-
-        simulate(cfg, run, on_round, resume=bool(args.resume))
+            run = RunDir.create(path, overwrite=args.overwrite)
+        signum = _simulate_with_progress(cfg, run, args)
+    if signum:
+        print(_interrupted_line(run), file=sys.stderr)
+        return 128 + signum
     print(f"run directory: {run.path}")
     final = run.read_jsonl()[-1]
     print(_final_line(final))
     return 0
 
 
-def _resumed(args: argparse.Namespace) -> tuple[Config, Any]:
-    """The run's own config (only ``federation.rounds`` may change) and its directory, checkpoint present."""
-    from fedlayer.checkpoint import load_checkpoint
-    from fedlayer.results import RunDir
+def _simulate_with_progress(cfg: Config, run: Any, args: argparse.Namespace) -> int:
+    """The simulation with a progress bar; the number of the signal that stopped it, else 0."""
+    from fedlayer.progress import RoundProgress
+    from fedlayer.results import TensorBoardLog
+    from fedlayer.simulation import Interrupted, simulate
 
+    try:
+        with (
+            RoundProgress(cfg.federation.rounds) as progress,
+            TensorBoardLog(run, enabled=args.tensorboard) as tb,
+        ):
+
+            def on_round(row: dict[str, Any]) -> None:
+                progress.update(row)
+                tb.add(row)
+
+            simulate(cfg, run, on_round, resume=bool(args.resume))
+    except Interrupted as stop:
+        signum = stop.signum
+    except KeyboardInterrupt:  # before the simulation took over SIGINT
+        signum = signal.SIGINT
+    else:
+        return 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopped already: more Ctrl-C would only garble the exit
+    return signum
+
+
+def _interrupted_line(run: Any) -> str:
+    from fedlayer.checkpoint import CHECKPOINT
+
+    if run.file(CHECKPOINT).exists():
+        resume = f"fedlayer run --resume {run.path}"
+        return f"fedlayer: interrupted; the last complete round is saved, continue with: {resume}"
+    return f"fedlayer: interrupted before the first round completed; nothing to resume in {run.path}"
+
+
+@contextmanager
+def _locked(flag: str, path: Path) -> Iterator[None]:
+    """Hold the run directory's lock (exit 2 naming ``flag`` when another live run holds it)."""
+    from fedlayer.processes import LockHeld, RunLock
+
+    try:
+        lock = RunLock(path).acquire()
+    except LockHeld as err:
+        raise ConfigError(
+            f"{flag}: run directory {str(path)!r} is in use by {err}; wait for that run or stop it"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{flag}: cannot use {str(path)!r} as a run directory: {err.strerror}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _resume_dir(args: argparse.Namespace) -> Path:
+    """RUN_DIR of ``--resume``, checked to be a run directory before anything is locked or read."""
     if args.out or args.overwrite:
         raise ConfigError("--resume: continues RUN_DIR in place; drop --out / --overwrite")
     for item in args.overrides:
-        if item.partition("=")[0].strip() != "federation.rounds":
-            raise ConfigError(f"--set {item!r}: with --resume only federation.rounds may change")
-    run = RunDir(Path(args.resume))
-    resolved = run.file("config.resolved.toml")
-    if not resolved.exists():
+        if item.partition("=")[0].strip() not in RESUME_OVERRIDES:
+            raise ConfigError(
+                f"--set {item!r}: with --resume only {' and '.join(RESUME_OVERRIDES)} may change"
+            )
+    path = Path(args.resume)
+    if not (path / "config.resolved.toml").is_file():
         raise ConfigError(f"--resume: {args.resume!r} is not a run directory (no config.resolved.toml)")
-    cfg = load_config(resolved, args.overrides)
+    return path
+
+
+def _resumed(args: argparse.Namespace, path: Path) -> tuple[Config, Any]:
+    """The run's own config (see ``RESUME_OVERRIDES``) and its directory, checkpoint readable."""
+    from fedlayer.checkpoint import load_checkpoint
+    from fedlayer.results import RunDir
+
+    run = RunDir(path)
+    cfg = load_config(run.file("config.resolved.toml"), args.overrides)
     done = load_checkpoint(run).round
     if done >= cfg.federation.rounds:
         raise ConfigError(
@@ -184,6 +247,20 @@ def _export(cfg: Config, data: Any, out: Path) -> None:
     print(f"exported {len(data.splits)} partitions: {out}/partition-<i>/{{train,test}}/<class>/<index>.png")
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Stop what a killed run left running (``fedlayer run`` and ``--resume`` of RUN_DIR do it too)."""
+    from fedlayer.results import RunDir
+    from fedlayer.simulation import stop_leftovers
+
+    path = Path(args.run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"RUN_DIR: {args.run_dir!r} is not a directory")
+    with _locked("RUN_DIR", path):
+        stopped = stop_leftovers(RunDir(path))
+    print(f"stopped what the run in {path} left: {stopped}" if stopped else f"nothing left running by {path}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """The resolved config as TOML, or the reference of every key."""
     if not args.reference:
@@ -206,6 +283,7 @@ def _compare_command(name: str) -> Callable[[argparse.Namespace], int]:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
+    "cleanup": cmd_cleanup,
     "partitions": cmd_partitions,
     "compare": _compare_command("cmd_compare"),
     "report": _compare_command("cmd_report"),
@@ -221,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConfigError as err:  # config values, flags, files, data, layer selectors
         return report_bad_input(err)
+    except KeyboardInterrupt:
+        print("fedlayer: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except RuntimeError as err:
         failed = _round_failure(err)
         if failed is None:

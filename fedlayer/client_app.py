@@ -9,6 +9,7 @@ its context when it restarts.
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from fedlayer.data import TensorData
 from fedlayer.data.folder import load_folder
 from fedlayer.experiment import client_generator, cost_generator, federated_data, initial_model
 from fedlayer.models import model_blocks, model_groups
+from fedlayer.results import PLACEMENT, RAY_NODE
 from fedlayer.store import PersonalStore
 from fedlayer.training import evaluate, load_state, resolve_device
 from strategies.algorithms import get_algorithm
@@ -189,7 +191,19 @@ def _train(msg: Message, context: Context) -> Message:
         for block, cost in job.sharing_costs(reference).items():
             metrics[COST_PREFIX + block] = cost
     arrays = job.state(None if full else job.received)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
+    node = _ray_node_id()
+    if node is not None:
+        content[PLACEMENT] = ConfigRecord({RAY_NODE: node})
+    return Message(content, reply_to=msg)
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node running this client (simulation); ``None`` outside Ray (a SuperNode never imports it)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return str(ray.get_runtime_context().get_node_id())
 
 
 @app.query("partition")

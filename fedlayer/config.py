@@ -199,6 +199,11 @@ class FederationConfig:
         "the ClientApp a simulation runs, as module:attribute (e.g. fedlayer's own behind Flower mods); "
         "deployments run pyproject.toml's [tool.flwr.app.components] clientapp",
     )
+    ray_address: str = setting(
+        "",
+        'Ray cluster to join: "" = a private local Ray; "auto" or "HOST:PORT" of a running cluster\'s '
+        "head (RAY_ADDRESS in the environment counts too)",
+    )
 
     @property
     def min_clients(self) -> int:

@@ -110,9 +110,11 @@ def check_before_start(cfg: Config) -> None:
     from fedlayer.experiment import federated_data, initial_model
     from fedlayer.nodes import excluded_partitions
     from fedlayer.server_app import shared_layers, sharing_policy
-    from fedlayer.simulation import load_client_app
+    from fedlayer.simulation import check_ray_address, load_client_app, ray_address
 
-    check_gpus(cfg, torch.cuda.device_count(), os.cpu_count() or 1)
+    check_ray_address(cfg)
+    if not ray_address(cfg):  # a joined Ray cluster brings its own CPUs and GPUs
+        check_gpus(cfg, torch.cuda.device_count(), os.cpu_count() or 1)
     load_client_app(cfg.federation.client_app)
     data = federated_data(cfg)
     excluded_partitions(cfg, data)

@@ -15,8 +15,11 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedlayer.config import ConfigError
+from fedlayer.processes import LOCK_FILE
 from fedlayer.readers import METRICS, read_jsonl
 from strategies.mechanism import ClientFault, RoundObserver
+
+PLACEMENT, RAY_NODE = "placement", "ray-node-id"  # train replies in simulation: ConfigRecord {RAY_NODE: id}
 
 
 class RunDir:
@@ -28,7 +31,7 @@ class RunDir:
     @classmethod
     def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDir:
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
+        if path.exists() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
             raise ConfigError(f"--out: run directory {str(path)!r} exists and is not empty; pass --overwrite")
         path.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -91,6 +94,16 @@ def _payload(messages: Sequence[Message]) -> int:
     return total
 
 
+def _client_nodes(replies: Sequence[Message]) -> dict[str, str]:
+    """Partition id -> Ray node id of the train replies that carry one (simulation), in partition order."""
+    nodes = {}
+    for reply in replies:
+        if reply.has_content() and PLACEMENT in reply.content.config_records:
+            partition = int(reply.content.metric_records["metrics"]["partition-id"])  # type: ignore[arg-type]
+            nodes[partition] = str(reply.content.config_records[PLACEMENT][RAY_NODE])
+    return {str(p): nodes[p] for p in sorted(nodes)}
+
+
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
@@ -119,6 +132,9 @@ class RoundRecorder(RoundObserver):
         self.row["bytes_up"] = _payload(replies)
         self.row["clients_trained"] = len(metrics)
         self.row["client_failures"] = sum(reply.has_error() for reply in replies)
+        nodes = _client_nodes(replies)
+        if nodes:
+            self.row["client_nodes"] = nodes
         for key in self.CLIENT_KEYS:
             self.row |= client_stats(key, [m[key] for m in metrics if key in m])
 

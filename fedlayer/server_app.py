@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -171,6 +173,68 @@ class AnalysisObserver(RoundObserver):
         self.hook.submit(server_round, models, previous.to_torch_state_dict())
 
 
+class Interruption(RoundObserver):
+    """Calls ``interrupt`` as soon as a round's replies are in, before they count: the replies of clients
+    stopped by an interruption must be neither faults nor results."""
+
+    def __init__(self, interrupt: Callable[[], None]) -> None:
+        self.interrupt = interrupt
+
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        self.interrupt()
+
+    def on_evaluate_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        self.interrupt()
+
+
+class InterruptibleGrid(Grid):
+    """Flower's grid, except that ``interrupt`` is called while it waits for replies and may raise to end
+    the wait (Flower's own wait ends only when every reply is in)."""
+
+    poll_seconds = 0.1
+
+    def __init__(self, grid: Grid, interrupt: Callable[[], None]) -> None:
+        self.grid, self.interrupt = grid, interrupt
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Any:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            self.interrupt()
+            got = list(self.pull_messages(waiting))
+            replies += got
+            waiting -= {reply.metadata.reply_to_message_id for reply in got}
+            if waiting:
+                time.sleep(self.poll_seconds)
+        self.interrupt()
+        return replies
+
+
 def analysis_hook(cfg: Config, run: RunDir) -> AnalysisHook | None:
     """The per-round barrier analysis, when ``analysis.every`` > 0."""
     if cfg.analysis.every == 0:
@@ -192,11 +256,14 @@ def run_server(
     *,
     resume: bool = False,
     client_state: bool = False,
+    interrupt: Callable[[], None] | None = None,
 ) -> None:
     """Run the federation described by ``cfg`` on ``grid`` and write everything into ``run``.
 
     ``resume`` continues from ``run``'s checkpoint; ``client_state`` (simulation only: clients share the
     server's file system) makes clients keep their personal layers in ``run``, so a resume has them.
+    ``interrupt`` is called whenever the server waits (between replies, for the analysis at the end) and
+    raises to end the run there, before anything of an unfinished round is recorded (simulation: Ctrl-C).
     """
     started = time.perf_counter()
     run.write_text("config.resolved.toml", to_toml(cfg))
@@ -218,7 +285,8 @@ def run_server(
     log(INFO, "fedlayer: %s", layers.describe())
     recorder = RoundRecorder(run, on_round)
     hook = analysis_hook(cfg, run)
-    observers: list[RoundObserver] = [recorder, HeapTrim()]
+    observers: list[RoundObserver] = [] if interrupt is None else [Interruption(interrupt)]
+    observers += [recorder, HeapTrim()]
     if hook is not None:
         observers.append(AnalysisObserver(cfg, hook))
     sharing = sharing_policy(cfg, model, layers)
@@ -249,17 +317,22 @@ def run_server(
     strategy.excluded = set(excluded)
     strategy.partitions = node_partitions(grid, cfg, bool(excluded))
     strategy.observers.append(PartitionCheck(strategy.partitions))
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.federation.rounds - strategy.round_offset,
-        train_config=experiment,
-        evaluate_config=ConfigRecord(dict(experiment)),
-        evaluate_fn=checkpointing(global_evaluator(cfg, data, recorder), run, strategy),
-    )
+    try:
+        result = strategy.start(
+            grid=grid if interrupt is None else InterruptibleGrid(grid, interrupt),
+            initial_arrays=initial,
+            num_rounds=cfg.federation.rounds - strategy.round_offset,
+            train_config=experiment,
+            evaluate_config=ConfigRecord(dict(experiment)),
+            evaluate_fn=checkpointing(global_evaluator(cfg, data, recorder), run, strategy),
+        )
+    except BaseException:
+        if hook is not None:
+            hook.abort()  # the run ends here: its pending analyses would only delay the exit
+        raise
     save_arrays(run, "model.pt", result.arrays)
     if hook is not None:
-        hook.finish()
+        hook.finish(interrupt)
     plot_accuracy(run.path)
     if isinstance(sharing, LmcPolicy):
         plot_shared_blocks(run.path)
@@ -277,12 +350,33 @@ def app_path(config: str) -> Path:
     return Path(__file__).resolve().parents[1] / path
 
 
+def log_flower_to(run: RunDir) -> None:
+    """Flower's INFO log (and fedlayer's, which uses Flower's logger) also goes to ``RUN_DIR/flower.log``."""
+    logger = logging.getLogger("flwr")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)  # a previous run's file, in this process
+            handler.close()
+    file_handler = logging.FileHandler(run.file("flower.log"))
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file_handler)
+    logger.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: the experiment file and overrides come from the run config."""
+    """Entry point for ``flwr run .``: the experiment file and overrides come from the run config.
+
+    Under ``flwr run``'s Simulation Runtime (an in-memory grid) the clients share this machine's file
+    system, so they keep their personal layers in the run directory as ``fedlayer run`` does; on the
+    Deployment Engine personal layers stay on the SuperNodes.
+    """
     rc = context.run_config
     overrides = [item for item in str(rc.get("overrides", "")).split(";") if item.strip()]
     cfg = load_config(app_path(str(rc.get("config", "experiments/default.toml"))), overrides)
     out = str(rc.get("out", "")) or f"runs/flwr-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunDir.create(Path(out))
+    log_flower_to(run)
     # `flwr run` of a simulation: the clients share this file system, so their layers go into the run.
-    run_server(grid, cfg, RunDir.create(Path(out)), client_state=isinstance(grid, InMemoryGrid))
+    run_server(grid, cfg, run, client_state=isinstance(grid, InMemoryGrid))

@@ -6,13 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedlayer.checkpoint import CHECKPOINT
+
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("round_seconds",)  # wall-clock fields: the only ones allowed to differ between identical runs
+# The only fields allowed to differ between identical runs: wall-clock time and the Ray node ids clients ran
+# on (new ids in every Ray session).
+NONDETERMINISTIC = ("round_seconds", "client_nodes")
 
 
 def cli_args(data_root: Path, out: Path | None, *overrides: str) -> list[str]:
@@ -44,7 +49,7 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]
 
 def metrics(out: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+    return [{k: v for k, v in row.items() if k not in NONDETERMINISTIC} for row in rows]
 
 
 def assert_same_model(a: Path, b: Path) -> None:
@@ -52,3 +57,22 @@ def assert_same_model(a: Path, b: Path) -> None:
     assert list(sa) == list(sb)
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``args`` in its own process group (a terminal's Ctrl-C reaches the whole group); output to ``log``."""
+    with open(log, "wb") as fh:
+        return subprocess.Popen(
+            args, cwd=ROOT, env=env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for_rows(out: Path, rows: int, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    """Until ``out/metrics.jsonl`` has ``rows`` rows and ``checkpoint.pt`` is written (the run must still be
+    going)."""
+    path = out / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and len(path.read_text().splitlines()) >= rows and (out / CHECKPOINT).exists()):
+        assert proc.poll() is None, f"the run ended with {proc.returncode} before round {rows}"
+        assert time.monotonic() < deadline, f"no round {rows} within {timeout} s"
+        time.sleep(0.05)

@@ -196,7 +196,7 @@ def test_bad_config_with_overwrite_leaves_the_run_directory_alone(
     ("extra", "fragment"),
     [
         ([], "no config.resolved.toml"),
-        (["--set", "train.lr=0.1"], "only federation.rounds may change"),
+        (["--set", "train.lr=0.1"], "only federation.rounds and federation.ray_address may change"),
         (["--out", "elsewhere"], "drop --out"),
     ],
 )

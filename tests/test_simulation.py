@@ -72,6 +72,12 @@ def test_fedavg_simulation_writes_a_complete_run_directory(tiny_fmnist: Path, tm
     assert len(partition["clients"]) == 3
     for name in ("accuracy.png", "partition.png", "config.resolved.toml", "layers.json", "flower.log"):
         assert (out / name).exists(), name
+    # The console shows fedlayer's progress only; Flower's and Ray's notices are kept in flower.log.
+    console = proc.stdout + proc.stderr
+    assert "FutureWarning" not in console and "DEPRECATED" not in console, console
+    flower_log = (out / "flower.log").read_text()
+    assert "DEPRECATED FEATURE: The `run_simulation` function" in flower_log
+    assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" in flower_log
     # FedAvg sends the whole model both ways: 3 clients x model bytes per direction at least.
     model_bytes = sum(t.numel() * t.element_size() for t in state.values())
     assert rows[0]["bytes_up"] >= 3 * model_bytes

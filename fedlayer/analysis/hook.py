@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -232,9 +232,21 @@ class AnalysisHook:
             ) from err
         log.error("analysis of round %d failed (see analysis_errors.log): %s", server_round, err)
 
-    def finish(self) -> None:
-        """Wait for the remaining rounds, then plot."""
+    def abort(self) -> None:
+        """Drop the pending rounds and stop the worker (the run is ending without them)."""
+        self.pending = []
+        if self.use_ray:
+            import ray
+
+            ray.kill(self.worker)
+
+    def finish(self, interrupt: Callable[[], None] | None = None) -> None:
+        """Wait for the remaining rounds, then plot; ``interrupt`` is called every second while waiting and
+        may raise to end the wait (a Ctrl-C)."""
         from fedlayer.analysis.plots import plot_analysis
 
-        self.poll(timeout=None)
+        while self.pending:
+            if interrupt is not None:
+                interrupt()
+            self.poll(timeout=1.0)
         plot_analysis(self.run_dir)
