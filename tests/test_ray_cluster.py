@@ -40,11 +40,17 @@ def cluster() -> Iterator[tuple[str, str]]:
     common = ["--num-cpus", "1", "--temp-dir", temp, "--node-ip-address", "127.0.0.1"]
     common += ["--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
     head = ["--head", "--port", str(port), "--include-dashboard", "false"]
+    head += ["--ray-client-server-port", str(free_port())]  # its own ports, not Ray's fixed defaults
     nodes = [head, ["--address", f"127.0.0.1:{port}"]]
     try:
         for node in nodes:  # the workers they start import this checkout (PYTHONPATH)
+            agent = ["--dashboard-agent-listen-port", str(free_port())]
             started = subprocess.run(
-                [str(RAY), "start", *node, *common], env=env(), capture_output=True, text=True, timeout=600
+                [str(RAY), "start", *node, *agent, *common],
+                env=env(),
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
             assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         yield f"127.0.0.1:{port}", temp
