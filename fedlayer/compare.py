@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from fedlayer.config import Config, ConfigError, load_config, parse_value
 from fedlayer.inputs import check_before_start, check_out
@@ -61,8 +63,19 @@ def plan(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) -> list[S
     return [SweepRun(v, seed, out / "runs" / f"{v.folder}-seed{seed}") for v in variants for seed in seeds]
 
 
+class SweepStopped(Exception):
+    """A signal (Ctrl-C) stopped the sweep; the run it interrupted stopped cleanly."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def run_one(config: str, run: SweepRun, overrides: Sequence[str], tensorboard: bool) -> None:
-    """One run as a subprocess (a fresh Ray and Flower per run); its console output goes to run.log."""
+    """One run as a subprocess (a fresh Ray and Flower per run); its console output goes to run.log.
+
+    Raises :class:`SweepStopped` when a SIGINT / SIGTERM of this process stopped the run.
+    """
     args = [sys.executable, "-m", "fedlayer.cli", "run", config, "--out", str(run.path), "--overwrite"]
     for item in (*overrides, *run.variant.overrides, f"seed={run.seed}"):
         args += ["--set", item]
@@ -70,9 +83,39 @@ def run_one(config: str, run: SweepRun, overrides: Sequence[str], tensorboard: b
         args.append("--tensorboard")
     run.path.mkdir(parents=True, exist_ok=True)
     with open(run.path.parent / f"{run.path.name}.log", "w") as log:
-        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"COLUMNS": "100"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"run {run.path.name} failed (exit {proc.returncode}); see {run.path.name}.log")
+        # Its own session: a terminal's Ctrl-C reaches this process only, which passes it on once (with
+        # subprocess.run the run got it too, and a SIGKILL 0.25 s later that left its Ray running).
+        proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"COLUMNS": "100"},
+            start_new_session=True,
+        )
+        returncode, signum = _wait_passing_signals(proc)
+    if signum:
+        raise SweepStopped(signum)
+    if returncode != 0:
+        raise RuntimeError(f"run {run.path.name} failed (exit {returncode}); see {run.path.name}.log")
+
+
+def _wait_passing_signals(proc: subprocess.Popen[bytes]) -> tuple[int, int]:
+    """Wait for ``proc``, passing the first SIGINT / SIGTERM of this process on to it (it stops cleanly and
+    is waited for; later signals change nothing); its exit code and the signal passed on (0: none)."""
+    passed = 0
+
+    def pass_on(signum: int, frame: FrameType | None) -> None:
+        nonlocal passed
+        if not passed:
+            passed = signum
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait(), passed
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def sweep(
@@ -171,7 +214,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     specs = [s for s in _split_specs(args.strategies) if s]
     out = Path(args.out or f"runs/compare-{Path(args.config).stem}")
-    compare(args.config, specs, seeds, args.overrides, out, tensorboard=args.tensorboard)
+    try:
+        compare(args.config, specs, seeds, args.overrides, out, tensorboard=args.tensorboard)
+    except SweepStopped as stop:
+        print(
+            f"fedlayer: interrupted; the finished runs in {out} are kept, the same command continues the "
+            "sweep (the interrupted run starts over)",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     print((out / "table.md").read_text())
     print(f"report: {out / 'report.md'}")
     return 0

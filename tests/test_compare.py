@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from sim_helpers import cli_args, start, wait_for_rows
 
 from fedlayer.cli import main
 from fedlayer.compare import Variant, _split_specs
 from fedlayer.config import ConfigError
+from fedlayer.processes import LOCK_FILE
+from fedlayer.simulation import SESSION_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,3 +154,32 @@ def test_compare_two_strategies_two_seeds(
     assert main(["report", str(out)]) == 0
     assert (out / "table.csv").read_text() == table_csv
     assert (out / "table.md").read_text() == table_md
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_run_cleanly(tiny_fmnist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "fedlayer.cli", "compare", str(ROOT / "experiments" / "default.toml")]
+    args += ["--strategies", "fedavg,fedper", "--seeds", "0", "--out", str(out)]
+    for item in cli_args(tiny_fmnist, None)[6::2]:  # the tiny run's --set values
+        args += ["--set", item]
+    proc = start(args, tmp_path / "compare.log")  # its own process group, as a terminal's job
+    first = out / "runs" / "fedavg-seed0"
+    try:
+        wait_for_rows(first, 1, proc)
+        for _ in range(2):  # an impatient user
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.3)
+        proc.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = (tmp_path / "compare.log").read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    assert output.strip().splitlines()[-1].startswith(f"fedlayer: interrupted; the finished runs in {out} ")
+    # The run stopped by itself (not killed): its own resume line, its private Ray stopped and unrecorded.
+    run_log = (out / "runs" / "fedavg-seed0.log").read_text()
+    assert "fedlayer: interrupted; the last complete round is saved" in run_log, run_log[-3000:]
+    assert not (first / SESSION_FILE).exists() and not (first / LOCK_FILE).exists()
+    assert not (out / "runs" / "fedper-seed0").exists(), "no run starts after the Ctrl-C"
