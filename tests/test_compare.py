@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from sim_helpers import cli_args, start, wait_for_rows
 
@@ -171,9 +172,12 @@ def test_ctrl_c_stops_the_running_run_cleanly(tiny_fmnist: Path, tmp_path: Path)
             os.killpg(proc.pid, signal.SIGINT)
             time.sleep(0.3)
         proc.wait(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    except BaseException:  # compare's group and its run's (a session of its own)
+        with contextlib.suppress(psutil.Error):
+            for pid in [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children())]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        raise
     output = (tmp_path / "compare.log").read_text()
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output

@@ -39,7 +39,7 @@ def stop_superlink(control_port: int) -> None:
     address = f"127.0.0.1:{control_port}"
     links = [p for p in psutil.process_iter() if _cmdline_has(p, address)]
     procs = [*links, *(child for link in links for child in link.children(recursive=True))]
-    groups = {_group(p) for p in procs} - {None}
+    groups = {_group(p) for p in procs} - {None, os.getpgid(0)}  # never this test's own group
     procs += [p for p in psutil.process_iter() if _group(p) in groups]  # Ray's orphans keep their group
     terminate_all({p.pid: p for p in procs}.values(), grace=5)
 

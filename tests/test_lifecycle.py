@@ -81,14 +81,19 @@ def test_ctrl_c_stops_cleanly_and_resuming_equals_the_uninterrupted_run(
 ) -> None:
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     proc = start(cli_args(tiny_fmnist, stopped), tmp_path / "stopped.log")
-    wait_for_rows(stopped, 1, proc)
-    started = tree(proc.pid)  # Ray's processes and the client actors
-    assert any(p.name().startswith("ray::ClientAppActor") for p in started)
-    for _ in range(2):  # an impatient user: a second Ctrl-C while the first one is being handled
+    try:
+        wait_for_rows(stopped, 1, proc)
+        started = tree(proc.pid)  # Ray's processes and the client actors
+        assert any(p.name().startswith("ray::ClientAppActor") for p in started)
+        for _ in range(2):  # an impatient user: a second Ctrl-C while the first one is being handled
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.3)
+        proc.wait(timeout=300)
+    except BaseException:  # only then: a clean stop must leave nothing for this to kill
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.3)
-    proc.wait(timeout=300)
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
     output = (tmp_path / "stopped.log").read_text()
     assert proc.returncode == 130, output[-3000:]
