@@ -241,7 +241,7 @@ class StrategyConfig:
     )
     lmc_every: int = setting(1, "lmc: rounds between sharing decisions", AT_LEAST_1)
     lmc_samples: int = setting(
-        256, "lmc: local training samples each client measures its costs on", AT_LEAST_1
+        128, "lmc: local training samples each client measures its costs on", AT_LEAST_1
     )
     lmc_statistic: LmcStatistic = setting(
         "mean", "lmc: cost over clients: mean (sample-weighted), max, quantile"
@@ -280,7 +280,7 @@ class AnalysisConfig:
     data: AnalysisData = setting(
         "global_test", "evaluation data: the global test set, or the pair's local training data"
     )
-    samples: int = setting(2000, "evaluation samples per pair", AT_LEAST_1)
+    samples: int = setting(500, "evaluation samples per pair", AT_LEAST_1)
     alphas: list[float] = setting(
         [], "α grid: [] = midpoint only, else at least 2 distinct values", Range(0, 1)
     )
