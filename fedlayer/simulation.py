@@ -37,6 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlayer import processes
 from fedlayer.config import Config, ConfigError
+from fedlayer.engine import deliver_to_waiting_nodes
 from fedlayer.results import RoundCallback, RunDir
 
 # Messages up to this size travel inline with the task, not through Ray's shared-memory object store: the
@@ -175,7 +176,7 @@ def simulate(
     if stopped := stop_leftovers(run):
         log(logging.INFO, "fedlayer: stopped what a killed run left: %s", stopped)
     backend = backend_config(cfg)
-    with _signals_stop(stop), _console_quiet(stop):
+    with _signals_stop(stop), _console_quiet(stop), deliver_to_waiting_nodes():
         session = _start_ray(ray_address(cfg), backend["init_args"], run)  # type: ignore[arg-type]
         try:
             stop.check()  # Ctrl-C while Ray started

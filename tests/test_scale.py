@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_fmnist
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import InMemoryGrid
@@ -72,7 +74,8 @@ def test_300_clients_start_without_a_message_per_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """3 of 300 clients per round: every message sent is a sampled client's train or evaluate instruction;
-    the personal layers of the clients that trained are on disk, one file each."""
+    the engine asks the LinkState once per message, not once per node every 0.1 s (a round's cost grew with
+    the clients in total); the personal layers of the clients that trained are on disk, one file each."""
     from fedlayer.simulation import simulate
 
     root = write_fmnist(tmp_path / "data", n_train=3000, n_test=200)
@@ -84,7 +87,17 @@ def test_300_clients_start_without_a_message_per_node(
         pushed.append([m.metadata.message_type for m in messages])
         return push(self, messages)
 
+    queried: list[int] = []
+    get_message_ins = InMemoryLinkState.get_message_ins
+
+    def counting_queries(
+        self: InMemoryLinkState, node_id: int, limit: int | None, **kw: Any
+    ) -> list[Message]:
+        queried.append(node_id)
+        return get_message_ins(self, node_id, limit, **kw)
+
     monkeypatch.setattr(InMemoryGrid, "push_messages", counting)
+    monkeypatch.setattr(InMemoryLinkState, "get_message_ins", counting_queries)
     cfg = load_config(
         ROOT / "experiments/default.toml",
         [
@@ -105,6 +118,7 @@ def test_300_clients_start_without_a_message_per_node(
     rounds = [MessageType.TRAIN, MessageType.EVALUATE] * 3
     assert [batch[0] for batch in pushed] == rounds  # no query (nor anything else) before round 1
     assert all(len(batch) == 3 and len(set(batch)) == 1 for batch in pushed)  # fraction 0.01 of 300
+    assert len(queried) == sum(map(len, pushed)) == 18  # each node asked once per message it was sent
     assert [row["clients_trained"] for row in run.read_jsonl()] == [3, 3, 3]
     store = PersonalStore(run.file("clients"))
     folders = sorted(store.root.glob("partition-*"))
