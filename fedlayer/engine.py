@@ -3,10 +3,12 @@
 flwr 1.42's engine hands instructions to its client workers from a thread that, every 0.1 s, asks the
 in-memory LinkState for the next message of *every* registered node (``vce_api.add_messages_to_queue``),
 and each such query scans every stored message. That is nodes x messages work ten times a second in the
-process hosting the ServerApp, however few clients a round samples: at 10,000 clients it held the GIL most
-of the time, and a round took 2.4x the 100-client round (bench/scale.py). :func:`deliver_to_waiting_nodes`
-swaps in a loop that asks only the nodes an undelivered message is waiting for, in the same order and with
-the same LinkState call, so what each node receives, and when, is unchanged.
+process hosting the ServerApp, however few clients a round samples: at 10,000 clients that thread held the
+GIL most of the time, and a round took 2.2x the 100-client round (bench/RESULTS.md, "Scale").
+:func:`deliver_to_waiting_nodes` swaps in a loop that asks only the nodes an undelivered message is waiting
+for, in the same order and with the same LinkState call: what each node receives, and in which order, is
+unchanged. ``fedlayer run`` uses it; ``flwr run`` of a simulation starts Flower's engine in a process of
+its own and keeps Flower's loop.
 """
 
 from __future__ import annotations
