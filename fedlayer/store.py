@@ -46,7 +46,13 @@ class PersonalStore:
         state of a round < r: anything older is dead.
         """
         folder = self._folder(partition_id)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(
+                f"personal layers cannot be written to {folder.resolve()} ({err.strerror}): "
+                "give the SuperNode a writable node config state-dir"
+            ) from err
         path = folder / f"round-{server_round:06d}.pt"
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)

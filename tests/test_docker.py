@@ -174,8 +174,23 @@ def test_compose_deployment_runs_two_rounds(
         assert outcome.ok, (
             f"{outcome}\n{(control.workdir / 'flower.log').read_text()[-3000:]}\n{logs[-3000:]}"
         )
+        # fedper keeps the head on the data holder: in its state volume, never in the image's layers
+        stored = sh(
+            *compose, "exec", "-T", "clientapp-0", "find", "/state", "-name", "*.pt", env=env
+        ).stdout.split()
+        assert stored and all("/partition-0/round-" in path for path in stored), stored
     finally:
-        sh(*compose, "down", "--remove-orphans", "--timeout", "10", env=env, check=False, timeout=300)
+        sh(
+            *compose,
+            "down",
+            "--volumes",
+            "--remove-orphans",
+            "--timeout",
+            "10",
+            env=env,
+            check=False,
+            timeout=300,
+        )
         seconds = time.perf_counter() - started
         print(f"\ncompose {' + '.join(overlays) or 'insecure'}: up -> run -> down {seconds:.0f} s")
     rows = [json.loads(line) for line in (results / "e2e" / "metrics.jsonl").read_text().splitlines()]

@@ -126,3 +126,10 @@ def test_a_restarted_client_continues_with_its_trained_personal_layers(
     assert evaluated(context()) == after  # restored from disk, not from the (empty) context
     assert evaluated(context(run_id=8)) != after  # another run starts from the initial head
     assert (tmp_path / "node" / "run-7" / "partition-0" / "round-000001.pt").exists()
+
+
+def test_an_unwritable_state_dir_is_named_with_the_node_config_key(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    store = PersonalStore(tmp_path / "file" / "run-7")
+    with pytest.raises(OSError, match=r"file/run-7/partition-0 .*node config state-dir"):
+        store.save(0, 1, head(1.0))
