@@ -261,6 +261,11 @@ class StrategyConfig:
         Range(0, 1, note="0 = use lmc_threshold"),
     )
     lmc_always: list[str] = setting([], "lmc: block patterns always shared")
+    lmc_reshare: bool = setting(
+        False,
+        "lmc: a block that turned personal may be shared again when its cost falls (false: blocks only "
+        "turn personal, and decision rounds send no full models)",
+    )
     server_lr: float = setting(1.0, "fedavgm, fedadam, fedyogi, fedadagrad: server learning rate", POSITIVE)
     server_momentum: float = setting(0.9, "fedavgm: server momentum", MOMENTUM)
     trim_beta: float = setting(0.2, "fedtrimmedavg: share cut from each end", Range(0, 0.5, open_high=True))

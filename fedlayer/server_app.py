@@ -67,6 +67,7 @@ def sharing_policy(cfg: Config, model: torch.nn.Module, layers: Resolution) -> S
         source=s.lmc_source,
         always=always,
         never=never,
+        reshare=s.lmc_reshare,
         norm=set(model_groups(model)["norm"]),
     )
 

@@ -235,12 +235,12 @@ class PartialStrategy(Strategy):
         if sharing is not None:
             self.shared_keys = sharing.shared_keys()
             sharing.record(server_round)
-        deciding = sharing is not None and sharing.measures(server_round)
+        collect = sharing is not None and sharing.collects(server_round)
         measure = sharing is not None and sharing.clients_measure(server_round)
-        full = self.full_model_rounds(server_round) or deciding
+        full = self.full_model_rounds(server_round) or collect
         config = ConfigRecord(dict(config) | {"full-model": full, "lmc-measure": measure})
         messages = self._sampled("train", server_round, grid, self.base.configure_train, arrays, config)
-        if measure and messages:
+        if measure and collect and messages:
             # One RecordDict is shared by all messages: the reference of the personal blocks is added once.
             messages[0].content[REFERENCE] = select_arrays(arrays, self._personal_keys())
         self._train_messages = messages  # the Grid sets their message ids when it sends them
@@ -306,7 +306,7 @@ class PartialStrategy(Strategy):
             ]
             self.sharing.decide(server_round, costs, weights)
         keys = self._personal_keys()
-        if not keys:
+        if not keys or not self.sharing.collects(server_round):
             return None
         contents = [restrict_content(reply.content, keys) for reply in replies]
         return aggregate_arrayrecords(contents, self.base.weighted_by_key)

@@ -8,6 +8,15 @@ mean, max or a quantile) and shares in the next rounds exactly the blocks whose 
 ``strategy.lmc_threshold`` (or the cheapest ``strategy.lmc_share_fraction`` of them). Blocks matched by
 ``strategy.exclude`` are never shared, those matched by ``strategy.lmc_always`` always; a norm block follows
 the block it normalizes (the nearest non-norm block before it in the model).
+
+By default a block that turned personal stays personal (``strategy.lmc_reshare = false``): only shared blocks
+are measured, against the round's global blocks, and decision rounds move no full models. The cost is a
+*local* quantity, and once a block is shared every client's copy is one local epoch from the global one, so
+its cost stays small whether or not sharing it hurts: a rule that re-shares a personal block as soon as its
+cost toward the clients' average falls under the threshold shared the classifier again in 3 of 4 measured
+runs and never recovered (experiments/README.md, ``lmc.toml``). With ``lmc_reshare = true`` decision rounds
+measure every block: clients send every block up and the server averages the personal ones as their
+reference.
 """
 
 from __future__ import annotations
@@ -52,11 +61,12 @@ class LmcRule:
             return float(np.quantile(values, self.quantile))
         return float(np.average(values, weights=np.asarray(weights, dtype=float)))
 
-    def choose(self, costs: Mapping[str, float]) -> set[str]:
-        """The blocks of ``costs`` (block -> aggregated cost, model order) that are shared."""
+    def choose(self, costs: Mapping[str, float], out_of: int | None = None) -> set[str]:
+        """The blocks of ``costs`` (block -> aggregated cost, model order) that are shared; a fraction is
+        of ``out_of`` blocks (default: those in ``costs``)."""
         if self.fraction > 0:
             ranked = sorted(costs, key=lambda block: (costs[block], list(costs).index(block)))
-            return set(ranked[: math.ceil(self.fraction * len(ranked))])
+            return set(ranked[: math.ceil(self.fraction * (out_of or len(ranked)))])
         return {block for block, cost in costs.items() if cost <= self.threshold}
 
 
@@ -97,6 +107,11 @@ class SharingPolicy:
         """Whether clients measure their sharing costs in ``server_round``."""
         return False
 
+    def collects(self, server_round: int) -> bool:
+        """Whether clients send every block up in ``server_round`` so that the server averages the personal
+        ones (the reference of the next measurement, the start of a block that turns shared)."""
+        return False
+
     def record(self, server_round: int) -> None:
         """Remember the set configured for ``server_round`` (a fixed policy has nothing to remember)."""
 
@@ -125,6 +140,8 @@ class LmcPolicy(SharingPolicy):
         Rounds every, 2·every, ... are decision rounds (every round when 1).
     always, never : set[str]
         Blocks always shared (``strategy.lmc_always``) / never shared (``strategy.exclude``).
+    reshare : bool
+        Whether a personal block can be shared again (``strategy.lmc_reshare``; see the module docstring).
     norm : set[str]
         Norm blocks: they follow the block they normalize instead of deciding by their own cost.
 
@@ -141,6 +158,7 @@ class LmcPolicy(SharingPolicy):
     source: str = "clients"  # clients: costs in the train replies; server: the analysis hook's barriers
     always: set[str] = field(default_factory=set)
     never: set[str] = field(default_factory=set)
+    reshare: bool = False
     norm: set[str] = field(default_factory=set)
     history: dict[int, list[str]] = field(default_factory=dict)
     costs: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -163,6 +181,9 @@ class LmcPolicy(SharingPolicy):
     def clients_measure(self, server_round: int) -> bool:
         return self.source == "clients" and self.measures(server_round)
 
+    def collects(self, server_round: int) -> bool:
+        return self.reshare and self.measures(server_round)
+
     def owner(self, block: str) -> str:
         """The block a norm block follows: the nearest non-norm block before it (itself if none)."""
         names = list(self.blocks)
@@ -179,9 +200,11 @@ class LmcPolicy(SharingPolicy):
     ) -> None:
         """Aggregate the clients' costs of ``server_round`` and set the shared set of the next rounds.
 
-        Blocks without a reference yet keep their current state; with a cost missing for any client the
-        set stays as it is."""
-        deciding = [block for block in self.deciding() if block in self.referenced]
+        Only shared blocks decide unless ``reshare``; blocks without a reference yet keep their current
+        state; with a cost missing for any client the set stays as it is."""
+        candidates = self.referenced if self.reshare else {self.owner(block) for block in self.shared}
+        everyone = self.deciding()
+        deciding = [block for block in everyone if block in candidates]
         costs = {
             block: self.rule.aggregate([c[block] for c in client_costs], weights)
             for block in deciding
@@ -189,8 +212,10 @@ class LmcPolicy(SharingPolicy):
         }
         self.costs[server_round] = costs
         if len(costs) == len(deciding) and client_costs:
-            self.shared = self._constrained(self.rule.choose(costs))  # unreferenced blocks are personal
-        self.referenced = set(self.blocks)  # this decision round averaged every block
+            chosen = self.rule.choose(costs, out_of=len(everyone))  # the others turn or stay personal
+            self.shared = self._constrained(chosen)
+        if self.reshare:
+            self.referenced = set(self.blocks)  # this decision round averaged every block
 
     def _constrained(self, chosen: set[str]) -> list[str]:
         """``chosen`` plus always, minus never; norm blocks follow their owner; in model order."""

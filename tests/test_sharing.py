@@ -28,8 +28,8 @@ def _task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
-def policy(**kw: object) -> LmcPolicy:
-    return LmcPolicy(dict(BLOCKS), list(BLOCKS), norm={"bn1"}, **kw)  # type: ignore[arg-type]
+def policy(shared: list[str] | None = None, **kw: object) -> LmcPolicy:
+    return LmcPolicy(dict(BLOCKS), shared or list(BLOCKS), norm={"bn1"}, **kw)  # type: ignore[arg-type]
 
 
 COSTS = {"conv1": 0.01, "conv2": 0.2, "fc1": 0.04, "fc2": 1.5}
@@ -63,11 +63,32 @@ def test_always_and_exclude_override_the_measurement() -> None:
 
 def test_a_block_personal_from_the_start_is_decided_only_once_it_has_a_reference() -> None:
     """Round 1's reference of a never-shared block is just its initial value: its cost is not used."""
-    p = LmcPolicy(dict(BLOCKS), ["conv1", "bn1", "conv2", "fc1"], rule=LmcRule(threshold=0.05), norm={"bn1"})
+    p = policy(["conv1", "bn1", "conv2", "fc1"], rule=LmcRule(threshold=0.05), reshare=True)
     p.decide(1, [COSTS | {"fc2": 0.0}], [1.0])
     assert "fc2" not in p.shared_blocks() and set(p.costs[1]) == {"conv1", "conv2", "fc1"}
     p.decide(2, [COSTS | {"fc2": 0.0}], [1.0])  # now averaged once: measured against the clients' average
     assert "fc2" in p.shared_blocks()
+
+
+def test_a_block_that_turned_personal_stays_personal_unless_reshare() -> None:
+    """Default: only shared blocks are measured and decide; with reshare a cheap personal block returns."""
+    for reshare, after in ((False, ["conv1", "bn1", "fc1"]), (True, list(BLOCKS))):
+        p = policy(rule=LmcRule(threshold=0.05), reshare=reshare)
+        p.decide(1, [COSTS], [1.0])
+        assert p.shared_blocks() == ["conv1", "bn1", "fc1"]
+        p.decide(2, [dict.fromkeys(COSTS, 0.0)], [1.0])
+        assert p.shared_blocks() == after
+        assert set(p.costs[2]) == ({"conv1", "conv2", "fc1", "fc2"} if reshare else {"conv1", "fc1"})
+
+
+def test_a_fraction_counts_every_deciding_block_when_blocks_only_turn_personal() -> None:
+    p = policy(rule=LmcRule(fraction=0.5))
+    p.decide(1, [COSTS], [1.0])
+    p.decide(2, [COSTS | {"conv1": 0.9}], [1.0])  # ceil(0.5 x 4) = 2: both shared blocks stay
+    assert p.shared_blocks() == ["conv1", "bn1", "fc1"]
+    p = policy(rule=LmcRule(fraction=0.25))
+    p.decide(1, [COSTS], [1.0])
+    assert p.shared_blocks() == ["conv1", "bn1"]
 
 
 def test_statistic_over_clients() -> None:
@@ -120,7 +141,7 @@ def test_block_switching_personal_takes_the_average_shared_keeps_the_aggregate()
     """Round 1 measures: fc2 turns personal (its server value becomes the clients' weighted average, the
     reference of the next measurement), conv2 stays shared (base aggregate); round 2 sends the personal
     blocks' reference with the measurement request and only shared keys as the model."""
-    p = LmcPolicy(dict(BLOCKS), ["conv1", "bn1", "conv2", "fc1"], rule=LmcRule(threshold=0.05), norm={"bn1"})
+    p = policy(["conv1", "bn1", "conv2", "fc1"], rule=LmcRule(threshold=0.05), reshare=True)
     strategy = PartialStrategy(FedAvg(min_available_nodes=2), [], sharing=p)
     messages = list(strategy.configure_train(1, ArrayRecord(state(0.0)), ConfigRecord(), Grid()))  # type: ignore[arg-type]
     content = messages[0].content
@@ -144,7 +165,7 @@ def test_block_switching_personal_takes_the_average_shared_keeps_the_aggregate()
 def test_a_block_turning_shared_starts_from_the_clients_average() -> None:
     """fc2 was personal; round 1 averages it (the reference), round 2's measurement makes it shared:
     round 3 sends the clients' weighted average of round 2."""
-    p = LmcPolicy(dict(BLOCKS), ["conv1", "bn1", "conv2", "fc1"], rule=LmcRule(threshold=0.05), norm={"bn1"})
+    p = policy(["conv1", "bn1", "conv2", "fc1"], rule=LmcRule(threshold=0.05), reshare=True)
     strategy = PartialStrategy(FedAvg(min_available_nodes=2), [], sharing=p)
     cheap = dict.fromkeys(COSTS, 0.0)
     arrays = ArrayRecord(state(0.0))
@@ -159,6 +180,29 @@ def test_a_block_turning_shared_starts_from_the_clients_average() -> None:
     np.testing.assert_allclose(
         messages[0].content["arrays"]["fc2.weight"].numpy(), (2.0 * 10 + 6.0 * 30) / 40
     )
+
+
+def test_without_reshare_decision_rounds_move_no_full_models_and_no_reference() -> None:
+    p = policy(["conv1", "bn1", "conv2", "fc1"], rule=LmcRule(threshold=0.05))
+    strategy = PartialStrategy(FedAvg(min_available_nodes=2), [], sharing=p)
+    arrays = ArrayRecord(state(0.0))
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), Grid()))  # type: ignore[arg-type]
+    content = messages[0].content
+    assert content["config"]["lmc-measure"] is True and content["config"]["full-model"] is False
+    assert REFERENCE not in content.array_records and "fc2.weight" not in content["arrays"]
+    costs = {"conv1": 0.0, "conv2": 0.5, "fc1": 0.0}
+    replies = [train_reply(0, 1.0, 30, costs), train_reply(1, 4.0, 10, costs)]
+    for reply in replies:  # what a client sends when no full model is asked: the shared keys
+        reply.content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: v for k, v in state(1.0).items() if k != "fc2.weight"}),
+                "metrics": reply.content["metrics"],
+            }
+        )
+    merged, _ = strategy.aggregate_train(1, replies)
+    assert merged is not None
+    np.testing.assert_allclose(merged["fc2.weight"].numpy(), 0.0)  # personal: the server's value untouched
+    assert p.shared_blocks() == ["conv1", "bn1", "fc1"]
 
 
 # --------------------------------------------------------------------------- the clients' costs
@@ -240,6 +284,7 @@ def test_lmc_keeps_the_expensive_block_personal_deterministically(tiny_fmnist: P
     costs = rounds["2"]["costs"]
     expensive = max(costs, key=costs.__getitem__)
     assert rounds["3"]["shared"] == [b for b in history["blocks"] if b != expensive]
+    assert set(rounds["4"]["costs"]) == set(costs) - {expensive}  # a personal block is no longer measured
     rows = metrics(runs[0])
     assert [r["shared_blocks"] for r in rows] == [rounds[str(r["round"])]["shared"] for r in rows]
     assert rows[2]["shared_fraction"] == 0.75
