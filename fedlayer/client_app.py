@@ -138,10 +138,11 @@ class ClientJob:
         """The cost of sharing each block (``lmc`` decision rounds): toward the incoming global blocks and,
         when the server sent one, its reference for the personal ones, on a seeded sample of the local
         training data. Blocks without a server value are not measured."""
-        target = self.incoming | (reference.to_torch_state_dict() if reference is not None else {})
+        server = self.incoming | (reference.to_torch_state_dict() if reference is not None else {})
         generator = cost_generator(self.cfg, self.partition_id, self.server_round)
         sample = cost_sample(self.train_data.x, self.train_data.y, self.cfg.strategy.lmc_samples, generator)
-        blocks = {b: keys for b, keys in model_blocks(self.model).items() if set(keys) <= target.keys()}
+        blocks = {b: keys for b, keys in model_blocks(self.model).items() if set(keys) <= server.keys()}
+        target = dict(self.model.state_dict()) | server  # an unmeasured block's target: its own value
         alpha = self.cfg.strategy.lmc_alpha
         return sharing_costs(self.model, target, blocks, sample, device=self.device, alpha=alpha)
 
