@@ -8,7 +8,11 @@ clients. Every configuration runs in its own process (its own Ray, a fresh RSS);
   plus round 1's extra time over the median round (client actors start, import torch, load the data);
 - median round time (rounds >= 2) and its ratio to the 100-client run of the same partitioner;
 - server RSS (the process hosting the ServerApp and the Ray driver) after every round, its slope over
-  rounds > 5, and the mean RSS after round 5 as a ratio to the 100-client run;
+  rounds > 5, and the mean RSS after round 5 as a ratio to the 100-client run. RSS is read twice: as it is
+  (``rss_raw``), and settled, after ``gc.collect()`` and glibc's ``malloc_trim(0)`` hand freed memory back to
+  the OS. A round's replies are ~130 MiB of buffers that the allocator keeps or returns at will, so the raw
+  series jumps by ±50 MiB between rounds and its slope carries MiB/round of noise; the settled series is
+  what the process still holds, the quantity a leak would grow;
 - disk used by the personal states (``clients/`` of the run directory) at the end.
 
     python bench/scale.py [--sizes 100 1000 10000] [--partitioners iid dirichlet] [--rounds 50]
@@ -49,6 +53,18 @@ def overrides(clients: int, partitioner: str, rounds: int, fraction: float) -> l
     ]
 
 
+def settled_rss(process: Any) -> float:
+    """RSS in MiB after Python's garbage and the allocator's free pages are given back (glibc only)."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: the RSS as it is
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return float(process.memory_info().rss / 2**20)
+
+
 def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any]:
     """Run one configuration in this process and measure it."""
     import numpy as np
@@ -73,10 +89,13 @@ def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any
     rss: list[float] = []
     ends: list[tuple[float, dict[str, Any]]] = []
 
+    raw: list[float] = []
+
     def on_round(row: dict[str, Any]) -> None:
         if row["round"] > 0:
-            rss.append(process.memory_info().rss / 2**20)
             ends.append((time.perf_counter(), row))
+            raw.append(process.memory_info().rss / 2**20)
+            rss.append(settled_rss(process))
 
     run = RunDir.create(out / f"{partitioner}-{clients}", overwrite=True)
     simulate(cfg, run, on_round)
@@ -99,6 +118,8 @@ def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any
         "rss_mib": [round(v, 1) for v in rss],
         "rss_mean_after_5_mib": round(float(np.mean(rss[5:])), 1),
         "rss_slope_mib_per_round": round(float(np.polyfit(rounds_after_5, rss[5:], 1)[0]), 4),
+        "rss_raw_mib": [round(v, 1) for v in raw],
+        "rss_raw_slope_mib_per_round": round(float(np.polyfit(rounds_after_5, raw[5:], 1)[0]), 4),
         "state_files": sum(1 for _ in store.root.rglob("round-*.pt")),
         "state_disk_mib": round(store.disk_bytes() / 2**20, 2),
     }
@@ -109,8 +130,9 @@ def table(results: list[dict[str, Any]]) -> str:
     base = {r["partitioner"]: r for r in results if r["clients"] == min(x["clients"] for x in results)}
     lines = [
         "| partitioner | clients | excluded | start-up (s) | to round 1 (s) | median round (s) | round ratio "
-        "| RSS after r5 (MiB) | RSS ratio | RSS slope (MiB/round) | personal state (files, MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS after r5 (MiB) | RSS ratio | RSS slope (MiB/round) | raw RSS slope "
+        "| personal state (files, MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         b = base[r["partitioner"]]
@@ -120,6 +142,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['partitioner']} | {r['clients']:,} | {r['clients_excluded']} | {r['startup_seconds']} "
             f"| {r['seconds_to_round_1']} | {r['median_round_seconds']:.2f} | {round_ratio:.2f} "
             f"| {r['rss_mean_after_5_mib']:.0f} | {rss_ratio:.2f} | {r['rss_slope_mib_per_round']:.3f} "
+            f"| {r['rss_raw_slope_mib_per_round']:.3f} "
             f"| {r['state_files']}, {r['state_disk_mib']:.1f} |"
         )
     return "\n".join(lines)
@@ -150,7 +173,7 @@ def main() -> None:
             if proc.returncode != 0 or not lines:
                 raise SystemExit(f"{partitioner} x {clients} failed:\n{proc.stderr[-3000:]}")
             results.append(json.loads(lines[-1].removeprefix("RESULT ")))
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "rss_mib"}), flush=True)
+            print(json.dumps({k: v for k, v in results[-1].items() if not isinstance(v, list)}), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
