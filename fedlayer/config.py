@@ -248,7 +248,7 @@ class StrategyConfig:
     )
     lmc_quantile: float = setting(0.9, "lmc (lmc_statistic = quantile): the quantile", Range(0, 1))
     lmc_threshold: float = setting(
-        0.05, "lmc: share a block when its cost (loss increase, nats) is at most this", AT_LEAST_0
+        0.02, "lmc: share a block when its cost (loss increase, nats) is at most this", AT_LEAST_0
     )
     lmc_alpha: float = setting(
         0.5,

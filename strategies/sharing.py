@@ -14,9 +14,9 @@ are measured, against the round's global blocks, and decision rounds move no ful
 *local* quantity, and once a block is shared every client's copy is one local epoch from the global one, so
 its cost stays small whether or not sharing it hurts: a rule that re-shares a personal block as soon as its
 cost toward the clients' average falls under the threshold shared classifier blocks again in 3 of 4
-measured runs, twice for good at FedAvg's accuracy (experiments/README.md, ``lmc.toml``). With ``lmc_reshare = true`` decision rounds
-measure every block: clients send every block up and the server averages the personal ones as their
-reference.
+measured runs, twice for good at FedAvg's accuracy (experiments/README.md, ``lmc.toml``). With
+``lmc_reshare = true`` decision rounds measure every block: clients send every block up and the server
+averages the personal ones as their reference.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class LmcRule:
         The quantile in [0, 1] for ``statistic = "quantile"``.
     """
 
-    threshold: float = 0.05
+    threshold: float = 0.02
     fraction: float = 0.0
     statistic: str = "mean"
     quantile: float = 0.9
