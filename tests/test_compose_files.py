@@ -35,10 +35,21 @@ def test_the_image_runs_as_an_unprivileged_user() -> None:
     assert "USER fedlayer" in text
 
 
-def test_data_is_mounted_read_only_and_nothing_else_but_results() -> None:
+def test_data_is_mounted_read_only_and_nothing_else_but_results_and_personal_state() -> None:
     for name, service in services("compose.yml").items():
         for volume in service.get("volumes", []):
-            assert volume.endswith(":/data:ro") or volume.endswith(":/results"), (name, volume)
+            own_state = name.startswith("clientapp-") and volume == f"state-{name[-1]}:/state"
+            assert volume.endswith(":/data:ro") or volume.endswith(":/results") or own_state, (name, volume)
+
+
+def test_each_data_holder_keeps_its_personal_layers_in_its_own_volume() -> None:
+    """The image's working directory is not writable by its user: state-dir must point at the volume."""
+    for overlay in ("compose.yml", "with-tls.yml", "with-auth.yml"):
+        for i in range(2):
+            command = services(overlay)[f"supernode-{i}"]["command"]
+            assert any(c.startswith("--node-config=") and 'state-dir="/state"' in c for c in command), overlay
+    for i in range(2):
+        assert f"state-{i}:/state" in services("compose.yml")[f"clientapp-{i}"]["volumes"]
 
 
 def test_tls_overlay_gives_each_service_only_its_files() -> None:
