@@ -86,10 +86,9 @@ def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any
     # Flower samples int(nodes x fraction): a half client more keeps float rounding from giving 19.
     cfg = load_config(default, overrides(clients, partitioner, rounds, min(1.0, (PER_ROUND + 0.5) / usable)))
     process = psutil.Process()
-    rss: list[float] = []
-    ends: list[tuple[float, dict[str, Any]]] = []
-
+    rss: list[float] = []  # settled
     raw: list[float] = []
+    ends: list[tuple[float, dict[str, Any]]] = []
 
     def on_round(row: dict[str, Any]) -> None:
         if row["round"] > 0:

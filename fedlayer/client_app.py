@@ -142,9 +142,8 @@ class ClientJob:
         generator = cost_generator(self.cfg, self.partition_id, self.server_round)
         sample = cost_sample(self.train_data.x, self.train_data.y, self.cfg.strategy.lmc_samples, generator)
         blocks = {b: keys for b, keys in model_blocks(self.model).items() if set(keys) <= server.keys()}
-        target = dict(self.model.state_dict()) | server  # an unmeasured block's target: its own value
         alpha = self.cfg.strategy.lmc_alpha
-        return sharing_costs(self.model, target, blocks, sample, device=self.device, alpha=alpha)
+        return sharing_costs(self.model, server, blocks, sample, device=self.device, alpha=alpha)
 
 
 def client_data(cfg: Config, node_config: Mapping[str, object]) -> tuple[TensorData, TensorData]:

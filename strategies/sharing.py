@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-STATISTICS = ("mean", "max", "quantile")
+from fedlayer.config import StrategyConfig
+
+_DEFAULT = StrategyConfig()  # the defaults below are the config's, declared once there
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,10 @@ class LmcRule:
         The quantile in [0, 1] for ``statistic = "quantile"``.
     """
 
-    threshold: float = 0.02
-    fraction: float = 0.0
-    statistic: str = "mean"
-    quantile: float = 0.9
+    threshold: float = _DEFAULT.lmc_threshold
+    fraction: float = _DEFAULT.lmc_share_fraction
+    statistic: str = _DEFAULT.lmc_statistic
+    quantile: float = _DEFAULT.lmc_quantile
 
     def aggregate(self, costs: Sequence[float], weights: Sequence[float]) -> float:
         """One block's costs over clients -> one number."""
@@ -154,11 +156,11 @@ class LmcPolicy(SharingPolicy):
     """
 
     rule: LmcRule = field(default_factory=LmcRule)
-    every: int = 1
-    source: str = "clients"  # clients: costs in the train replies; server: the analysis hook's barriers
+    every: int = _DEFAULT.lmc_every
+    source: str = _DEFAULT.lmc_source  # clients: costs in the train replies; server: the hook's barriers
     always: set[str] = field(default_factory=set)
     never: set[str] = field(default_factory=set)
-    reshare: bool = False
+    reshare: bool = _DEFAULT.lmc_reshare
     norm: set[str] = field(default_factory=set)
     history: dict[int, list[str]] = field(default_factory=dict)
     costs: dict[int, dict[str, float]] = field(default_factory=dict)

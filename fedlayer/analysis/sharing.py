@@ -39,7 +39,7 @@ def sharing_costs(
     model : nn.Module
         The client's model θ after local training (its state is read, never changed).
     reference : Mapping[str, Tensor]
-        θ_ref: a value for every state-dict key of ``model``.
+        θ_ref; a key it lacks keeps the model's own value (measure only blocks it covers).
     blocks : Mapping[str, Sequence[str]]
         Block name -> its state-dict keys (``fedlayer.models.model_blocks``).
     data : EvalData
@@ -52,7 +52,7 @@ def sharing_costs(
     own = {key: value.detach() for key, value in model.state_dict().items()}
     evaluator = Evaluator(model, data, device=device, exact=device.type == "cpu")
     own = evaluator.prepare(own)
-    ref = evaluator.prepare(reference)
+    ref = evaluator.prepare({**own, **reference})
     points = [own] + [interpolate(own, ref, alpha, set(keys), own) for keys in blocks.values()]
     losses = [loss for loss, _ in evaluator.evaluate_many(points)]
     return {block: losses[i + 1] - losses[0] for i, block in enumerate(blocks)}
