@@ -1,0 +1,31 @@
+"""The explanatory figure of the committed `lmc.toml` results draws from those results."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(script: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lmc_figure_shows_every_run_and_every_measured_block() -> None:
+    lmc_figure = load("experiments/lmc_figure.py")
+    fig = lmc_figure.figure()
+    top, bottom = fig.axes[:4], fig.axes[4:]  # subplots(2, 4): row by row
+    assert len(fig.axes) == 8
+    # top: three fixed methods + lmc; bottom: four blocks + the threshold line
+    assert all(len(ax.get_lines()) == 4 for ax in top)
+    assert all(len(ax.get_lines()) == 5 for ax in bottom)
+    # the classifier is measured once (round 5) and then personal; the convolutions at every decision round
+    conv1, fc1 = bottom[0].get_lines()[0], bottom[0].get_lines()[2]
+    assert list(conv1.get_xdata()) == [5, 10, 15, 20, 25, 30]
+    assert list(fc1.get_xdata()) == [5]
