@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,12 +45,12 @@ def state(run: RunDir, name: str) -> dict[str, torch.Tensor]:
     return torch.load(run.file(name), weights_only=True)
 
 
-def shared_bytes(run: RunDir) -> int:
-    import json
-
-    shared = json.loads(run.file("layers.json").read_text())["shared_keys"]
+def shared_bytes(run: RunDir, row: dict[str, Any]) -> int:
+    """Bytes of the blocks shared in ``row``'s round (``lmc`` changes them; the others keep layers.json's)."""
+    layers = json.loads(run.file("layers.json").read_text())
+    blocks = row.get("shared_blocks", layers["shared_blocks"])
     model = state(run, "initial_model.pt")
-    return sum(model[k].numel() * model[k].element_size() for k in shared)
+    return sum(model[k].numel() * model[k].element_size() for b in blocks for k in layers["blocks"][b])
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
@@ -61,8 +63,6 @@ def test_algorithm_runs_two_rounds(runs: dict[str, RunDir], name: str) -> None:
 
 @pytest.mark.parametrize("name", ["fedper", "fedrep", "fedbabu", "lgfedavg", "fedbn", "partial", "local"])
 def test_personal_keys_stay_at_the_initial_values_on_the_server(runs: dict[str, RunDir], name: str) -> None:
-    import json
-
     run = runs[name]
     personal = json.loads(run.file("layers.json").read_text())["personal_keys"]
     initial, final = state(run, "initial_model.pt"), state(run, "model.pt")
@@ -74,10 +74,16 @@ def test_personal_keys_stay_at_the_initial_values_on_the_server(runs: dict[str, 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_bytes_up_is_the_shared_payload(runs: dict[str, RunDir], name: str) -> None:
-    payload = shared_bytes(runs[name])
     for row in runs[name].read_jsonl():
+        payload = shared_bytes(runs[name], row)
         # Flower counts the key names too: a few bytes per array on top of the data.
         assert 3 * payload <= row["bytes_up"] <= 3 * payload + 3 * 4096
+
+
+def test_lmc_uploads_only_the_blocks_it_still_shares(runs: dict[str, RunDir]) -> None:
+    first, second = runs["lmc"].read_jsonl()
+    assert len(second["shared_blocks"]) < len(first["shared_blocks"]), "the tiny run turns a block personal"
+    assert second["bytes_up"] < first["bytes_up"]
 
 
 def test_fedper_sends_less_than_fedavg(runs: dict[str, RunDir]) -> None:
