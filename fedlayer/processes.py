@@ -91,7 +91,7 @@ def terminate(
     own = {p.pid for p in live}
     family = {d.pid: d for d in [*(d for p in live for d in descendants(p.pid)), *also] if d.pid not in own}
     for proc in live:
-        signal_group(proc.pid, signal.SIGTERM)
+        signal_tree_root(proc, signal.SIGTERM)
     _sigterm(family.values())
     deadline = time.monotonic() + grace
     for proc in live:
@@ -99,7 +99,7 @@ def terminate(
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
     for proc in live:
         if proc.poll() is None:
-            signal_group(proc.pid, signal.SIGKILL)
+            signal_tree_root(proc, signal.SIGKILL)
             proc.wait()
     stop(family.values(), timeout=max(0.1, deadline - time.monotonic()))
 
@@ -126,6 +126,20 @@ def stop(procs: Iterable[psutil.Process], timeout: float = 10.0) -> None:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=timeout)
+
+
+def signal_tree_root(proc: subprocess.Popen[Any], sig: int) -> None:
+    """Send ``sig`` to the process group ``proc`` leads, or to ``proc`` alone when it leads none (started
+    without a session of its own, it shares its parent's group: the group's id is not its pid)."""
+    try:
+        leads = os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return
+    if leads:
+        signal_group(proc.pid, sig)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
 
 
 def signal_group(pid: int, sig: int) -> None:

@@ -108,3 +108,12 @@ def test_a_recycled_pid_is_not_the_recorded_process() -> None:
     me = ProcessId.current()
     assert me.alive()
     assert not ProcessId(me.pid, me.started - 100).alive()
+
+
+@pytest.mark.parametrize("own_session", [False, True])
+def test_terminate_stops_a_child_whether_or_not_it_leads_a_process_group(own_session: bool) -> None:
+    sleeper = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(120)"]
+    proc = subprocess.Popen(sleeper, stdout=subprocess.PIPE, text=True, start_new_session=own_session)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+    terminate([proc], grace=10)
+    assert proc.returncode == -signal.SIGTERM, "stopped by the SIGTERM, not by its sleep running out"
