@@ -15,6 +15,8 @@ clients. Every configuration runs in its own process (its own Ray, a fresh RSS);
   what the process still holds, the quantity a leak would grow;
 - disk used by the personal states (``clients/`` of the run directory) at the end.
 
+The RSS series is also appended to ``OUT/<partitioner>-<clients>/rss.jsonl`` after every round.
+
     python bench/scale.py [--sizes 100 1000 10000] [--partitioners iid dirichlet] [--rounds 50]
                           [--out /tmp/scale-bench] [--json FILE]
 """
@@ -35,6 +37,7 @@ STARTED = time.perf_counter()  # before the heavy imports: a user's run pays for
 ROOT = Path(__file__).resolve().parents[1]
 PER_ROUND = 20
 SAMPLES_PER_CLIENT = 6  # 10,000 clients x 6 = the 60,000 training images
+RSS_SERIES = "rss.jsonl"  # in each configuration's run directory: settled and raw RSS after every round
 
 
 def overrides(clients: int, partitioner: str, rounds: int, fraction: float) -> list[str]:
@@ -90,13 +93,16 @@ def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any
     raw: list[float] = []
     ends: list[tuple[float, dict[str, Any]]] = []
 
+    run = RunDir.create(out / f"{partitioner}-{clients}", overwrite=True)
+
     def on_round(row: dict[str, Any]) -> None:
         if row["round"] > 0:
             ends.append((time.perf_counter(), row))
             raw.append(process.memory_info().rss / 2**20)
             rss.append(settled_rss(process))
+            # as it goes, so that a long run can be read (and plotted) before it ends
+            run.append_jsonl(RSS_SERIES, {"round": row["round"], "rss_mib": rss[-1], "rss_raw_mib": raw[-1]})
 
-    run = RunDir.create(out / f"{partitioner}-{clients}", overwrite=True)
     simulate(cfg, run, on_round)
     seconds = [row["round_seconds"] for _, row in ends]
     median = statistics.median(seconds[1:])
