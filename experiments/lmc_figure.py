@@ -11,6 +11,7 @@ from the global copy.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -20,7 +21,6 @@ from fedlayer.readers import read_json, read_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lmc"
 LMC = "lmc_strategy.lmc_threshold_0.02"
-THRESHOLD = 0.02
 FIXED = ("local", "lgfedavg", "fedper")
 SPLITS = ("dirichlet", "pathological")
 SEEDS = (0, 1)
@@ -42,12 +42,14 @@ def accuracy_panel(ax: Axes, runs: Path, seed: int) -> None:
 
 
 def cost_panel(ax: Axes, runs: Path, seed: int) -> None:
-    history = read_json(runs / f"{LMC}-seed{seed}" / "layers_by_round.json")
+    run = runs / f"{LMC}-seed{seed}"
+    history = read_json(run / "layers_by_round.json")
+    threshold = tomllib.loads((run / "config.resolved.toml").read_text())["strategy"]["lmc_threshold"]
     decided = {int(r): v["costs"] for r, v in history["rounds"].items() if v["costs"]}
     for block in history["blocks"]:
         points = sorted((r, costs[block]) for r, costs in decided.items() if block in costs)
         ax.plot(*zip(*points, strict=True), marker="o", label=block)
-    ax.axhline(THRESHOLD, color="black", ls="--", lw=1, label=f"threshold {THRESHOLD}")
+    ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold}")
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_ylim(-2e-3, 0.1)
     ax.set_xlabel("round (bottom: decision rounds)")
