@@ -15,10 +15,14 @@ clients. Every configuration runs in its own process (its own Ray, a fresh RSS);
   what the process still holds, the quantity a leak would grow;
 - disk used by the personal states (``clients/`` of the run directory) at the end.
 
-The RSS series is also appended to ``OUT/<partitioner>-<clients>/rss.jsonl`` after every round.
+The RSS series is also appended to ``OUT/<partitioner>-<clients>/rss.jsonl`` after every round, with the
+settled RSS split into anonymous and file-backed memory (``/proc/self/status``), the Python heap's allocated
+blocks and the number of objects the garbage collector tracks. ``--tracemalloc`` also traces the Python heap
+(slower) and writes the allocation sites that grew most between round 6 and the last round to
+``tracemalloc.txt`` beside it: whether a growing RSS is Python's or native memory's.
 
     python bench/scale.py [--sizes 100 1000 10000] [--partitioners iid dirichlet] [--rounds 50]
-                          [--out /tmp/scale-bench] [--json FILE]
+                          [--out /tmp/scale-bench] [--json FILE] [--tracemalloc]
 """
 
 from __future__ import annotations
@@ -68,6 +72,37 @@ def settled_rss(process: Any) -> float:
     return float(process.memory_info().rss / 2**20)
 
 
+def memory_split() -> dict[str, float]:
+    """Where the settled RSS is: anonymous vs file-backed (MiB), Python heap blocks, GC-tracked objects."""
+    import gc
+
+    status = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    split: dict[str, float] = {"python_blocks": sys.getallocatedblocks(), "gc_objects": len(gc.get_objects())}
+    for key in ("RssAnon", "RssFile", "RssShmem"):
+        if key in status:  # Linux
+            split[f"{key.lower()}_mib"] = int(status[key].split()[0]) / 1024
+    return split
+
+
+def traced(snapshots: dict[int, Any], rnd: int, path: Path) -> dict[str, float]:
+    """Python-heap size now; keeps round 6's snapshot and writes the top growth since it to ``path``."""
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        return {}
+    if rnd == 6 or (snapshots and rnd % 25 == 0):
+        snapshot = tracemalloc.take_snapshot()
+        snapshots.setdefault(6, snapshot)
+        if rnd > 6:
+            top = snapshot.compare_to(snapshots[6], "traceback")[:15]
+            lines = [f"round {rnd} vs round 6, top growth by allocation site:"]
+            lines += [f"{stat}\n  " + "\n  ".join(stat.traceback.format()[-6:]) for stat in top]
+            path.write_text("\n".join(lines) + "\n")
+    return {"traced_mib": tracemalloc.get_traced_memory()[0] / 2**20}
+
+
 def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any]:
     """Run one configuration in this process and measure it."""
     import numpy as np
@@ -94,6 +129,7 @@ def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any
     ends: list[tuple[float, dict[str, Any]]] = []
 
     run = RunDir.create(out / f"{partitioner}-{clients}", overwrite=True)
+    snapshots: dict[int, Any] = {}
 
     def on_round(row: dict[str, Any]) -> None:
         if row["round"] > 0:
@@ -101,7 +137,10 @@ def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any
             raw.append(process.memory_info().rss / 2**20)
             rss.append(settled_rss(process))
             # as it goes, so that a long run can be read (and plotted) before it ends
-            run.append_jsonl(RSS_SERIES, {"round": row["round"], "rss_mib": rss[-1], "rss_raw_mib": raw[-1]})
+            probes = memory_split() | traced(snapshots, row["round"], run.file("tracemalloc.txt"))
+            run.append_jsonl(
+                RSS_SERIES, {"round": row["round"], "rss_mib": rss[-1], "rss_raw_mib": raw[-1]} | probes
+            )
 
     simulate(cfg, run, on_round)
     seconds = [row["round_seconds"] for _, row in ends]
@@ -162,9 +201,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("/tmp/scale-bench"))
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--tracemalloc", action="store_true", help="trace the Python heap (slower)")
     parser.add_argument("--one", nargs=2, metavar=("CLIENTS", "PARTITIONER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        if args.tracemalloc:
+            import tracemalloc
+
+            tracemalloc.start(8)
         result = one(int(args.one[0]), args.one[1], args.rounds, args.out)
         print("RESULT " + json.dumps(result))
         return
@@ -173,6 +217,7 @@ def main() -> None:
         for clients in args.sizes:
             command = [sys.executable, __file__, "--one", str(clients), partitioner]
             command += ["--rounds", str(args.rounds), "--out", str(args.out)]
+            command += ["--tracemalloc"] if args.tracemalloc else []
             proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
