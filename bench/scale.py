@@ -87,9 +87,14 @@ def memory_split() -> dict[str, float]:
 
 
 def traced(snapshots: dict[int, Any], rnd: int, path: Path) -> dict[str, float]:
-    """Python-heap size now; keeps round 6's snapshot and writes the top growth since it to ``path``."""
+    """Python memory allocated since round 5 and still held; writes the top growth since round 6 to ``path``.
+
+    Tracing starts after round 5 (tracing the imports and the start-up would take longer than the rounds).
+    """
     import tracemalloc
 
+    if rnd == 5:
+        tracemalloc.start(8)
     if not tracemalloc.is_tracing():
         return {}
     if rnd == 6 or (snapshots and rnd % 25 == 0):
@@ -103,7 +108,7 @@ def traced(snapshots: dict[int, Any], rnd: int, path: Path) -> dict[str, float]:
     return {"traced_mib": tracemalloc.get_traced_memory()[0] / 2**20}
 
 
-def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any]:
+def one(clients: int, partitioner: str, rounds: int, out: Path, trace: bool = False) -> dict[str, Any]:
     """Run one configuration in this process and measure it."""
     import numpy as np
     import psutil
@@ -137,7 +142,9 @@ def one(clients: int, partitioner: str, rounds: int, out: Path) -> dict[str, Any
             raw.append(process.memory_info().rss / 2**20)
             rss.append(settled_rss(process))
             # as it goes, so that a long run can be read (and plotted) before it ends
-            probes = memory_split() | traced(snapshots, row["round"], run.file("tracemalloc.txt"))
+            probes = memory_split()
+            if trace:
+                probes |= traced(snapshots, row["round"], run.file("tracemalloc.txt"))
             run.append_jsonl(
                 RSS_SERIES, {"round": row["round"], "rss_mib": rss[-1], "rss_raw_mib": raw[-1]} | probes
             )
@@ -205,11 +212,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("CLIENTS", "PARTITIONER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        if args.tracemalloc:
-            import tracemalloc
-
-            tracemalloc.start(8)
-        result = one(int(args.one[0]), args.one[1], args.rounds, args.out)
+        result = one(int(args.one[0]), args.one[1], args.rounds, args.out, args.tracemalloc)
         print("RESULT " + json.dumps(result))
         return
     results = []
