@@ -365,7 +365,11 @@ def test_tls_deployment(tiny_fmnist: Path, tmp_path: Path) -> None:
 
 @slow
 def test_ctrl_c_shuts_the_deployment_down(tiny_fmnist: Path, tmp_path: Path) -> None:
-    args = cli("fedlayer.cli", "deploy", "local", "experiments/default.toml", "--supernodes", "2")
+    """Also when the command inherits SIGINT ignored (a job started with & by a shell without job control)."""
+    ignoring = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    ignoring += "os.execv(sys.argv[1], sys.argv[1:])"
+    args = [sys.executable, "-c", ignoring, *cli("fedlayer.cli", "deploy", "local")]
+    args += ["experiments/default.toml", "--supernodes", "2"]
     args += ["--out", str(tmp_path / "run"), "--keep-workdir", str(tmp_path / "work")]
     args += with_sets(experiment(tiny_fmnist, rounds=5))
     proc = subprocess.Popen(

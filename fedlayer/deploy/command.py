@@ -98,7 +98,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     app_dir = Path(args.app).resolve() if args.app else default_app_dir()
     out = prepare_out(check_out(args.out or _default_out(args.config)), args.overwrite)
     workdir = Path(args.keep_workdir).resolve() if args.keep_workdir else None
-    with _terminate_on_sigterm():
+    with _stop_on_signals():
         try:
             deployment = LocalDeployment(
                 args.supernodes, app_dir, tls, workdir, node_data=node_data, auth=args.auth
@@ -188,18 +188,25 @@ def _default_out(config_path: str) -> Path:
 
 
 @contextlib.contextmanager
-def _terminate_on_sigterm() -> Iterator[None]:
-    """SIGTERM (e.g. from a CI runner) shuts the deployment down like Ctrl-C does."""
+def _stop_on_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (e.g. from a CI runner) shut the deployment down.
+
+    SIGINT is handled even when this process inherited it ignored (a job started with ``&`` by a shell
+    without job control), as ``fedlayer run`` and ``fedlayer compare`` do: otherwise such a deployment runs
+    on after its caller's SIGINT, and its SuperLink and SuperNodes with it.
+    """
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
