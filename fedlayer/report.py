@@ -234,7 +234,8 @@ COLUMNS = (
         "minutes_per_run",
         "min/run",
         "min",
-        "wall-clock minutes of the run (summary.json; a resumed run: its last part only)",
+        "minutes of round time: the rounds' wall-clock seconds summed (a resumed run counts each of its "
+        "rounds once; start-up excluded)",
     ),
     Column(
         "final_full_barrier",
@@ -266,7 +267,6 @@ def run_summary(run_dir: Path) -> dict[str, float]:
     keys += ["bytes_up", "bytes_down", "round_seconds"]
     metrics = read_metrics(run_dir).reindex(columns=keys)  # a key older runs lack becomes a NaN column
     last = metrics.iloc[-1]
-    seconds = read_json(Path(run_dir) / SUMMARY).get("seconds", math.nan)
     summary = {
         "final_personalized_acc": last["personalized_acc"],
         "final_personalized_acc_pooled": last["personalized_acc_pooled"],
@@ -278,7 +278,7 @@ def run_summary(run_dir: Path) -> dict[str, float]:
         "final_global_acc": last["global_acc"],
         "bytes_per_round": (metrics["bytes_up"].fillna(0) + metrics["bytes_down"].fillna(0)).mean(),
         "seconds_per_round": metrics["round_seconds"].mean(),
-        "minutes_per_run": seconds / 60,
+        "minutes_per_run": metrics["round_seconds"].sum(min_count=1) / 60,
     }
     return {key: float(value) for key, value in (summary | barrier_summary(read_barriers(run_dir))).items()}
 

@@ -46,14 +46,16 @@ FMNIST = [
 ]
 
 
-def write_metrics(run: Path, rounds: int, *, pooled: bool, offset: float = 0.0) -> list[float]:
+def write_metrics(
+    run: Path, rounds: int, *, pooled: bool, offset: float = 0.0, seconds: float = 3.0
+) -> list[float]:
     """metrics.jsonl with a personalized accuracy that peaks at round 2; returns the pooled accuracies."""
     run.mkdir(parents=True, exist_ok=True)
     accs = [0.5 + offset + 0.1 * min(r, 2) - 0.05 * max(r - 2, 0) for r in range(1, rounds + 1)]
     rows = []
     for r, acc in enumerate(accs, start=1):
         row = {"round": r, "personalized_acc": acc, "personalized_acc_worst10": acc - 0.2, "global_acc": 0.4}
-        row |= {"bytes_up": 1_000_000, "bytes_down": 2_000_000, "round_seconds": 3.0}
+        row |= {"bytes_up": 1_000_000, "bytes_down": 2_000_000, "round_seconds": seconds}
         if pooled:
             row["personalized_acc_pooled"] = (
                 0.5 + offset + 0.05 * r
@@ -265,8 +267,13 @@ def write_compare(out: Path) -> dict[str, list[float]]:
     entries = []
     for strategy, seed in product(("fedper", "fedavg"), (0, 1)):
         run = out / "runs" / f"{strategy}-seed{seed}"
-        pooled[run.name] = write_metrics(run, 4, pooled=strategy == "fedper", offset=0.02 * seed)
-        (run / "summary.json").write_text(json.dumps({"status": "finished", "seconds": 60.0 * (seed + 1)}))
+        # 4 rounds of 15 s (seed 0) or 30 s (seed 1): 1 and 2 minutes of round time, whatever summary.json
+        # says (a resumed run's summary counts its last part only)
+        seconds = 15.0 * (seed + 1)
+        pooled[run.name] = write_metrics(
+            run, 4, pooled=strategy == "fedper", offset=0.02 * seed, seconds=seconds
+        )
+        (run / "summary.json").write_text(json.dumps({"status": "finished", "seconds": 5.0}))
         (run / "config.resolved.toml").write_text("seed = 0\n")
         entries.append({"strategy": strategy, "seed": seed, "path": f"runs/{run.name}"})
     write_barriers(out / "runs" / "fedper-seed0", (2,), [("0", "1")])
@@ -287,7 +294,7 @@ def test_table_has_pooled_accuracy_best_round_and_minutes(tmp_path: Path) -> Non
     assert fedper["final_personalized_acc_pooled_std"] == pytest.approx(np.std(final, ddof=1), abs=1e-6)
     assert fedper["best_personalized_acc_pooled"] == pytest.approx(np.mean(final), abs=1e-6)
     assert fedper["best_round"] == 2 and fedper["best_round_pooled"] == 4  # the mean peaks, pooled climbs
-    assert fedper["minutes_per_run"] == pytest.approx(1.5) and fedper["seconds_per_round"] == 3.0
+    assert fedper["minutes_per_run"] == pytest.approx(1.5) and fedper["seconds_per_round"] == 22.5
     assert fedper["bytes_per_round"] == 3_000_000
     assert fedper["final_full_barrier"] == pytest.approx(0.4)  # one run analysed: mean over that seed only
     assert np.isnan(table.loc["fedavg", "final_personalized_acc_pooled"])  # older runs: no pooled accuracy
