@@ -29,3 +29,17 @@ def test_lmc_figure_shows_every_run_and_every_measured_block() -> None:
     conv1, fc1 = bottom[0].get_lines()[0], bottom[0].get_lines()[2]
     assert list(conv1.get_xdata()) == [5, 10, 15, 20, 25, 30]
     assert list(fc1.get_xdata()) == [5]
+
+
+def test_pfllib_comparison_covers_the_seven_strategies_and_judges_each_goal() -> None:
+    script = load("experiments/pfllib_comparison.py")
+    frame = script.comparison().set_index("strategy")
+    assert len(frame) == 7 and set(script.PUBLISHED) < set(frame.index)
+    assert (frame["rounds"] >= 50).all()  # issue 13: at least 50 rounds for every strategy
+    for name, published in script.PUBLISHED.items():
+        row = frame.loc[name]
+        assert row["PFLlib (%)"] == published
+        within = row["final pooled (%)"] >= published - script.GOAL_POINTS[name]
+        assert row["met"] == ("yes" if within else "no")
+    committed = (ROOT / "experiments/results/pfllib_fmnist_full/pfllib.md").read_text()
+    assert committed == script.markdown(script.comparison())  # the committed table is the script's output
