@@ -5,12 +5,13 @@ Reads the comparison table that `fedlayer report` wrote for the committed full-s
 personalized accuracy (Σ correct / Σ test samples over all clients, as PFLlib reports it), the rounds run,
 PFLlib's best-of-2,000-rounds figure, the final round's gap to it and whether the issue's goal held.
 
-    .venv/bin/python experiments/pfllib_comparison.py
+    .venv/bin/python experiments/pfllib_comparison.py [COMPARE_DIR]   # default: the committed results
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -65,8 +66,9 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    out = RESULTS / "pfllib.md"
-    out.write_text(markdown(comparison()))
+    results = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
+    out = results / "pfllib.md"
+    out.write_text(markdown(comparison(results)))
     print(f"wrote {out}")
 
 
