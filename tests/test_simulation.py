@@ -88,3 +88,16 @@ def test_failed_run_exits_nonzero(tiny_fmnist: Path, tmp_path: Path) -> None:
     proc = run_cli(tiny_fmnist, tmp_path / "bad", "strategy.name='partial'", "strategy.shared=['nolayer*']")
     assert proc.returncode == 2
     assert "strategy.shared" in proc.stderr
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_sets_them() -> None:
+    """In a child process (mallopt changes its allocator for good): glibc accepts the cap; a user's
+    MALLOC_ARENA_MAX is left as it is."""
+    code = "from fedlayer.simulation import limit_malloc_arenas; print(limit_malloc_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    glibc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None
+    capped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert capped.stdout.strip() == str(bool(glibc))
+    env["MALLOC_ARENA_MAX"] = "4"
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "False"
