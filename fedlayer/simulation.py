@@ -221,8 +221,8 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 
     By default glibc gives threads up to 8 arenas per core. In this process the 20 replies of a round
     (~130 MiB) are allocated and freed by Ray's, gRPC's and Python's threads across those arenas, and the
-    free memory that fragmentation leaves in them grows the RSS for ~150 rounds (measured: 0.12 and 0.18
-    MiB/round over 200 rounds at 100 clients; with 2 arenas -0.08 and 127 MiB less; ``bench/RESULTS.md``).
+    free memory that fragmentation leaves in them grows the RSS for ~150 rounds (200 rounds at 100 clients:
+    0.12 and 0.18 MiB/round; capped here 0.10 and ~110 MiB less; ``bench/RESULTS.md``, Scale).
     ``MALLOC_ARENA_MAX`` in the environment is the user's choice and is left as it is.
     """
     import ctypes
