@@ -16,16 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedlayer.readers import read_json
+from fedlayer import report
+from fedlayer.readers import read_json, read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pfllib_fmnist_full"
 # PFLlib's leaderboard, Fashion-MNIST, practical label skew (Dirichlet 0.1), best of 2,000 rounds
 PUBLISHED = {"fedavg": 85.85, "fedper": 97.44, "fedrep": 97.56, "fedbabu": 97.46}
 GOAL_POINTS = {"fedavg": 2.0, "fedper": 1.0, "fedrep": 1.0, "fedbabu": 1.0}  # final round within this
-
-
-def rounds_run(run: Path) -> int:
-    return sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
 
 
 def comparison(results: Path = RESULTS) -> pd.DataFrame:
@@ -41,7 +38,7 @@ def comparison(results: Path = RESULTS) -> pd.DataFrame:
         rows.append(
             {
                 "strategy": name,
-                "rounds": rounds_run(runs[name]),
+                "rounds": len(read_metrics(runs[name])),
                 "final pooled (%)": final,
                 "best pooled (%)": 100 * row["best_personalized_acc_pooled"],
                 "best round": int(row["best_round_pooled"]),
@@ -54,15 +51,15 @@ def comparison(results: Path = RESULTS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(frame: pd.DataFrame) -> str:
-    def cell(value: object) -> str:
-        if isinstance(value, float):
-            return "–" if math.isnan(value) else f"{value:.2f}"
-        return str(value)
+def cell(value: object) -> str:
+    """Percentages as papers print them (two decimals); no figure: –."""
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.2f}"
+    return str(value)
 
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+
+def markdown(frame: pd.DataFrame) -> str:
+    return report.markdown(frame, cell)
 
 
 def main() -> None:

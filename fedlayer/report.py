@@ -144,10 +144,10 @@ def _fmt(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """A plain Markdown table; numbers to 3 significant digits."""
+def markdown(table: pd.DataFrame, cell: Callable[[object], str] = _fmt) -> str:
+    """A plain Markdown table; ``cell`` writes each value (default: numbers to 3 significant digits)."""
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(map(_fmt, row)) + " |" for row in table.itertuples(index=False)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
