@@ -86,7 +86,7 @@ def memory_split() -> dict[str, float]:
     return split
 
 
-def traced(snapshots: dict[int, Any], rnd: int, path: Path) -> dict[str, float]:
+def traced(baseline: list[Any], rnd: int, path: Path) -> dict[str, float]:
     """Python memory allocated since round 5 and still held; writes the top growth since round 6 to ``path``.
 
     Tracing starts after round 5 (tracing the imports and the start-up would take longer than the rounds).
@@ -97,14 +97,13 @@ def traced(snapshots: dict[int, Any], rnd: int, path: Path) -> dict[str, float]:
         tracemalloc.start(8)
     if not tracemalloc.is_tracing():
         return {}
-    if rnd == 6 or (snapshots and rnd % 25 == 0):
-        snapshot = tracemalloc.take_snapshot()
-        snapshots.setdefault(6, snapshot)
-        if rnd > 6:
-            top = snapshot.compare_to(snapshots[6], "traceback")[:15]
-            lines = [f"round {rnd} vs round 6, top growth by allocation site:"]
-            lines += [f"{stat}\n  " + "\n  ".join(stat.traceback.format()[-6:]) for stat in top]
-            path.write_text("\n".join(lines) + "\n")
+    if rnd == 6:
+        baseline.append(tracemalloc.take_snapshot())
+    elif baseline and rnd % 25 == 0:
+        top = tracemalloc.take_snapshot().compare_to(baseline[0], "traceback")[:15]
+        lines = [f"round {rnd} vs round 6, top growth by allocation site:"]
+        lines += [f"{stat}\n  " + "\n  ".join(stat.traceback.format()[-6:]) for stat in top]
+        path.write_text("\n".join(lines) + "\n")
     return {"traced_mib": tracemalloc.get_traced_memory()[0] / 2**20}
 
 
@@ -134,7 +133,7 @@ def one(clients: int, partitioner: str, rounds: int, out: Path, trace: bool = Fa
     ends: list[tuple[float, dict[str, Any]]] = []
 
     run = RunDir.create(out / f"{partitioner}-{clients}", overwrite=True)
-    snapshots: dict[int, Any] = {}
+    baseline: list[Any] = []  # round 6's tracemalloc snapshot
 
     def on_round(row: dict[str, Any]) -> None:
         if row["round"] > 0:
@@ -144,7 +143,7 @@ def one(clients: int, partitioner: str, rounds: int, out: Path, trace: bool = Fa
             # as it goes, so that a long run can be read (and plotted) before it ends
             probes = memory_split()
             if trace:
-                probes |= traced(snapshots, row["round"], run.file("tracemalloc.txt"))
+                probes |= traced(baseline, row["round"], run.file("tracemalloc.txt"))
             run.append_jsonl(
                 RSS_SERIES, {"round": row["round"], "rss_mib": rss[-1], "rss_raw_mib": raw[-1]} | probes
             )
