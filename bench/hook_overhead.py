@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 
 from fedlayer.config import load_config
-from fedlayer.readers import read_barriers
-from fedlayer.results import RunDir
+from fedlayer.run.readers import read_barriers
+from fedlayer.run.rundir import RunDir
 from fedlayer.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlayer.config import load_config
-from fedlayer.results import RunDir
+from fedlayer.run.rundir import RunDir
 from fedlayer.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]

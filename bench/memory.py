@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedlayer.config import load_config
-from fedlayer.results import RunDir
+from fedlayer.run.rundir import RunDir
 from fedlayer.simulation import simulate
 
 ROOT = Path(__file__).resolve().parents[1]

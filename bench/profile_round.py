@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 
-from fedlayer.analysis.hook import BarrierWorker
 from fedlayer.analysis.sharing import cost_sample, sharing_costs
 from fedlayer.config import Config, load_config
 from fedlayer.experiment import FederatedData, client_generator, federated_data, initial_model
 from fedlayer.models import model_blocks
+from fedlayer.server.hook import BarrierWorker
 from fedlayer.training import evaluate, resolve_device, train_epochs
 
 ROOT = Path(__file__).resolve().parents[1]

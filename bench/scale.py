@@ -112,12 +112,12 @@ def one(clients: int, partitioner: str, rounds: int, out: Path, trace: bool = Fa
     import numpy as np
     import psutil
 
+    from fedlayer.client.store import PersonalStore
     from fedlayer.config import load_config
     from fedlayer.data import empty_partitions
     from fedlayer.experiment import federated_data
-    from fedlayer.results import RunDir
+    from fedlayer.run.rundir import RunDir
     from fedlayer.simulation import simulate
-    from fedlayer.store import PersonalStore
 
     default = ROOT / "experiments" / "default.toml"
     cfg = load_config(default, overrides(clients, partitioner, rounds, 1.0))

@@ -22,7 +22,7 @@ import torch
 
 from fedlayer.config import Config, load_config
 from fedlayer.experiment import client_generator, federated_data, initial_model
-from fedlayer.results import RunDir
+from fedlayer.run.rundir import RunDir
 from fedlayer.simulation import simulate
 from fedlayer.training import evaluate, train_epochs
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fedlayer.readers import read_json, read_jsonl
+from fedlayer.run.readers import read_json, read_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lmc"
 LMC = "lmc_strategy.lmc_threshold_0.02"

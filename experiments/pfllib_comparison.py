@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedlayer import report
-from fedlayer.readers import read_json, read_metrics
+from fedlayer.run import report
+from fedlayer.run.readers import read_json, read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pfllib_fmnist_full"
 # PFLlib's leaderboard, Fashion-MNIST, practical label skew (Dirichlet 0.1), best of 2,000 rounds

@@ -25,6 +25,7 @@ from fedlayer.inputs import (
     load,
     report_bad_input,
 )
+from fedlayer.run.files import CHECKPOINT, CONFIG_RESOLVED
 
 # What a resumed run may change: more rounds, another Ray cluster (neither changes the rounds already done).
 RESUME_OVERRIDES = ("federation.rounds", "federation.ray_address")
@@ -90,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg, run = _resumed(args, path)
         check_before_start(cfg)
         if not args.resume:
-            from fedlayer.results import RunDir
+            from fedlayer.run.rundir import RunDir
 
             run = RunDir.create(path, overwrite=args.overwrite)
         signum = _simulate_with_progress(cfg, run, args)
@@ -105,8 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _simulate_with_progress(cfg: Config, run: Any, args: argparse.Namespace) -> int:
     """The simulation with a progress bar; the number of the signal that stopped it, else 0."""
-    from fedlayer.progress import RoundProgress
-    from fedlayer.results import TensorBoardLog
+    from fedlayer.run.progress import RoundProgress
+    from fedlayer.run.rundir import TensorBoardLog
     from fedlayer.simulation import Interrupted, simulate
 
     try:
@@ -131,8 +132,6 @@ def _simulate_with_progress(cfg: Config, run: Any, args: argparse.Namespace) -> 
 
 
 def _interrupted_line(run: Any) -> str:
-    from fedlayer.checkpoint import CHECKPOINT
-
     if run.file(CHECKPOINT).exists():
         resume = f"fedlayer run --resume {run.path}"
         return f"fedlayer: interrupted; the last complete round is saved, continue with: {resume}"
@@ -168,18 +167,18 @@ def _resume_dir(args: argparse.Namespace) -> Path:
                 f"--set {item!r}: with --resume only {' and '.join(RESUME_OVERRIDES)} may change"
             )
     path = Path(args.resume)
-    if not (path / "config.resolved.toml").is_file():
-        raise ConfigError(f"--resume: {args.resume!r} is not a run directory (no config.resolved.toml)")
+    if not (path / CONFIG_RESOLVED).is_file():
+        raise ConfigError(f"--resume: {args.resume!r} is not a run directory (no {CONFIG_RESOLVED})")
     return path
 
 
 def _resumed(args: argparse.Namespace, path: Path) -> tuple[Config, Any]:
     """The run's own config (see ``RESUME_OVERRIDES``) and its directory, checkpoint readable."""
-    from fedlayer.checkpoint import load_checkpoint
-    from fedlayer.results import RunDir
+    from fedlayer.run.rundir import RunDir
+    from fedlayer.server.checkpoint import load_checkpoint
 
     run = RunDir(path)
-    cfg = load_config(run.file("config.resolved.toml"), args.overrides)
+    cfg = load_config(run.file(CONFIG_RESOLVED), args.overrides)
     done = load_checkpoint(run).round
     if done >= cfg.federation.rounds:
         raise ConfigError(
@@ -204,7 +203,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
         reusable_is="a previous partitions output",
     )
     from fedlayer.experiment import federated_data
-    from fedlayer.results import RunDir
+    from fedlayer.run.rundir import RunDir
 
     export = Path(args.export) if args.export else None
     if export is not None and export.exists() and (not export.is_dir() or any(export.iterdir())):
@@ -249,7 +248,7 @@ def _export(cfg: Config, data: Any, out: Path) -> None:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Stop what a killed run left running (``fedlayer run`` and ``--resume`` of RUN_DIR do it too)."""
-    from fedlayer.results import RunDir
+    from fedlayer.run.rundir import RunDir
     from fedlayer.simulation import stop_leftovers
 
     path = Path(args.run_dir)

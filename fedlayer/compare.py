@@ -16,6 +16,7 @@ from types import FrameType
 
 from fedlayer.config import Config, ConfigError, load_config, parse_value
 from fedlayer.inputs import check_before_start, check_out
+from fedlayer.run.files import SUMMARY, SWEEP, TABLE
 
 SPEC = re.compile(r"^(?P<name>[a-z0-9_]+)(\[(?P<shared>[^\]]+)\])?(\{(?P<set>[^}]+)\})?$")
 
@@ -55,7 +56,7 @@ class SweepRun:
     path: Path
 
     def finished(self) -> bool:
-        summary = self.path / "summary.json"
+        summary = self.path / SUMMARY
         return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
 
 
@@ -159,7 +160,7 @@ def check_inputs(
     for variant in variants:
         if folders.count(variant.folder) > 1:
             raise ConfigError(f"--strategies: {variant.label!r} names the same runs as another strategy")
-    check_out(out, reusable=lambda names: "sweep.json" in names, reusable_is="a compare directory to resume")
+    check_out(out, reusable=lambda names: SWEEP in names, reusable_is="a compare directory to resume")
     load_config(config, list(overrides))  # errors of the shared overrides, named without a variant
     configs = {
         (v.label, seed): _variant_config(config, v, seed, overrides) for seed in seeds for v in variants
@@ -188,7 +189,7 @@ def compare(
     *,
     tensorboard: bool = False,
 ) -> None:
-    from fedlayer.report import write_report
+    from fedlayer.run.report import write_report
 
     variants = [Variant.parse(spec) for spec in specs]
     check_inputs(config, variants, seeds, overrides, out)
@@ -202,7 +203,7 @@ def compare(
             {"strategy": r.variant.label, "seed": r.seed, "path": str(r.path.relative_to(out))} for r in runs
         ],
     }
-    (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / SWEEP).write_text(json.dumps(manifest, indent=2) + "\n")
     sweep(config, variants, seeds, overrides, out, tensorboard=tensorboard)
     write_report(out)
 
@@ -223,7 +224,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + stop.signum
-    print((out / "table.md").read_text())
+    print((out / TABLE).read_text())
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -241,7 +242,7 @@ def _split_specs(text: str) -> list[str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedlayer.report import render
+    from fedlayer.run.report import render
 
     path = Path(args.dir)
     made = render(path)

@@ -195,7 +195,7 @@ class FederationConfig:
         0.0, "Ray GPU share per client actor (fractions let clients share a GPU)", AT_LEAST_0
     )
     client_app: str = setting(
-        "fedlayer.client_app:app",
+        "fedlayer.client.app:app",
         "the ClientApp a simulation runs, as module:attribute (e.g. fedlayer's own behind Flower mods); "
         "deployments run pyproject.toml's [tool.flwr.app.components] clientapp",
     )

@@ -108,8 +108,8 @@ def check_before_start(cfg: Config) -> None:
     import torch
 
     from fedlayer.experiment import federated_data, initial_model
-    from fedlayer.nodes import excluded_partitions
-    from fedlayer.server_app import shared_layers, sharing_policy
+    from fedlayer.server.app import shared_layers, sharing_policy
+    from fedlayer.server.nodes import excluded_partitions
     from fedlayer.simulation import check_ray_address, load_client_app, ray_address
 
     check_ray_address(cfg)

@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-LOCK_FILE = "fedlayer.lock"
+from fedlayer.run.files import LOCK_FILE
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
 """Run a federation in Flower's simulation engine (Ray backend), in this process.
 
-Entry point: ``flwr.simulation.run_simulation``. Flower 1.42 deprecates it in favour of ``flwr run``, which
-runs the ServerApp in a process spawned by a detached SuperLink; fedlayer needs the ServerApp in this
-process (per-round progress, Ctrl-C that stops cleanly, nothing left running), and Flower's only other
-in-process entry point is private (``_run_simulation``). So the one call stays, isolated here, and its
+Entry point: Flower's in-process simulation (:func:`fedlayer.flower.run_in_process`, deprecated in Flower 1.42
+in favour of ``flwr run``, which runs the ServerApp in a process spawned by a detached SuperLink; fedlayer
+needs the ServerApp in this process: per-round progress, Ctrl-C that stops cleanly, nothing left running). Its
 deprecation banner (like Ray's start-up warning) goes to the run's ``flower.log``, not the console.
 
 Ray: a private local instance (``federation.ray_address = ""``, the default), or a running cluster
@@ -38,17 +37,17 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlayer import processes
+from fedlayer import flower, processes
 from fedlayer.config import Config, ConfigError
-from fedlayer.engine import deliver_to_waiting_nodes
-from fedlayer.results import RoundCallback, RunDir
+from fedlayer.run.files import SESSION_FILE
+from fedlayer.run.rundir import RunDir
+from fedlayer.server.observers import RoundCallback
 
 # Messages up to this size travel inline with the task, not through Ray's shared-memory object store: the
 # server process maps every store page a message ever used, so its RSS grew ~0.3 MiB per round
 # (RssShmem, bench/memory.py). Bigger messages (e.g. ResNet-18 models) still use the store.
 INLINE_MESSAGES = {"max_direct_call_object_size": 16 * 2**20, "task_rpc_inlined_bytes_limit": 16 * 2**20}
 
-SESSION_FILE = "ray_session.json"  # the private Ray session of a run in progress (or of a killed one)
 CLIENT_ACTOR = "ray::ClientAppActor"  # process title of Flower's client actors (Ray: "ray::<class>")
 
 
@@ -123,9 +122,13 @@ def backend_config(cfg: Config) -> dict[str, object]:
     return {"client_resources": {"num_cpus": f.client_cpus, "num_gpus": f.client_gpus}, "init_args": init}
 
 
+# ClientApps that moved: a run directory written before the move still resumes (its resolved config names them).
+MOVED_CLIENT_APPS = {"fedlayer.client_app:app": "fedlayer.client.app:app"}
+
+
 def load_client_app(reference: str) -> ClientApp:
     """The ClientApp at ``module:attribute`` (``federation.client_app``)."""
-    module, _, attribute = reference.partition(":")
+    module, _, attribute = MOVED_CLIENT_APPS.get(reference, reference).partition(":")
     try:
         app = getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError, ValueError) as err:
@@ -149,9 +152,7 @@ def simulate(
     ``resume`` continues ``run`` from its checkpoint. Raises :class:`Interrupted` after a clean stop on
     SIGINT / SIGTERM.
     """
-    from flwr.simulation import run_simulation
-
-    from fedlayer.server_app import log_flower_to, run_server
+    from fedlayer.server.app import log_flower_to, run_server
 
     client_app = load_client_app(cfg.federation.client_app)
     stop = StopRequest()
@@ -180,15 +181,15 @@ def simulate(
     if stopped := stop_leftovers(run):
         log(logging.INFO, "fedlayer: stopped what a killed run left: %s", stopped)
     backend = backend_config(cfg)
-    with _signals_stop(stop), _console_quiet(stop), deliver_to_waiting_nodes():
+    with _signals_stop(stop), _console_quiet(stop), flower.deliver_to_waiting_nodes():
         session = _start_ray(ray_address(cfg), backend["init_args"], run)  # type: ignore[arg-type]
         try:
             stop.check()  # Ctrl-C while Ray started
-            run_simulation(
+            flower.run_in_process(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=cfg.federation.clients,
-                backend_config=backend,  # type: ignore[arg-type]
+                backend_config=backend,
             )
         except Exception:
             if not stop.is_set():

@@ -17,10 +17,12 @@ if TYPE_CHECKING:  # the declarations stay importable without torch (config vali
 class Algorithm:
     """One personalization algorithm.
 
-    ``shared`` are selector patterns of the blocks the server averages (``None``: taken from
-    ``strategy.shared``, for personalization averaging); ``recipe`` names the client's local training and
-    ``personalization`` the model it evaluates as its personalized one (both resolved in
-    :mod:`strategies.recipes`); ``aggregator`` forces a Flower aggregator (``None``: ``strategy.aggregator``).
+    Server part: ``shared`` are selector patterns of the blocks the server averages (``None``: taken from
+    ``strategy.shared``, for personalization averaging), ``exclude`` blocks always kept personal,
+    ``aggregator`` a Flower aggregator it requires (:mod:`strategies.aggregators`; ``None``:
+    ``strategy.aggregator``), ``dynamic`` a shared set that changes during the run (:mod:`strategies.lmc`).
+    Client part: ``recipe`` is the function of that name in ``fedlayer/client/recipes.py`` (the local
+    training), ``personalization`` the function there that gives the model a client evaluates as its own.
     """
 
     name: str
@@ -81,7 +83,8 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "lmc",
             None,
-            "barrier-guided: blocks whose measured sharing cost is low are averaged (strategies/sharing.py)",
+            "barrier-guided: blocks whose measured sharing cost is low are averaged "
+            "(server: strategies/lmc.py; clients: fedlayer/client/lmc.py)",
             dynamic=True,
         ),
     )

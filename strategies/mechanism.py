@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -16,10 +15,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedlayer.contract import COST_PREFIX, FULL_MODEL, LMC_MEASURE, NUM_EXAMPLES, REFERENCE, partition_of
 from strategies.sharing import SharingPolicy
-
-REFERENCE = "reference"  # train-message ArrayRecord: the server's value of the round's personal blocks
-COST_PREFIX = "lmc."  # train-reply metrics "lmc.<block>": the client's cost of sharing that block
 
 
 class RoundObserver:
@@ -97,18 +94,6 @@ class RoundFailedError(RuntimeError):
     """Too few valid client updates for the strategy's minimum: the run ends (its last checkpoint stays)."""
 
 
-def partition_of(reply: Message, known: dict[int, int], node_id: int | None = None) -> int | None:
-    """The client's partition id: from its metrics, the error text, or an earlier reply of its node
-    (``node_id``, default: the reply's source)."""
-    if reply.has_content():
-        for record in reply.content.metric_records.values():
-            if "partition-id" in record:
-                return int(cast(float, record["partition-id"]))
-    elif match := re.search(r"partition-id=(\d+)", reply.error.reason or ""):
-        return int(match.group(1))
-    return known.get(reply.metadata.src_node_id if node_id is None else node_id)
-
-
 def reply_fault(
     reply: Message, reference: ArrayRecord, required: set[str], allowed: set[str]
 ) -> tuple[str, str]:
@@ -119,7 +104,7 @@ def reply_fault(
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return "malformed", "expected one ArrayRecord and one MetricRecord"
     metrics = next(iter(content.metric_records.values()))
-    weight = metrics.get("num-examples")
+    weight = metrics.get(NUM_EXAMPLES)
     if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
         return "malformed", f"num-examples = {weight!r}"
     arrays = next(iter(content.array_records.values()))
@@ -238,7 +223,7 @@ class PartialStrategy(Strategy):
         collect = sharing is not None and sharing.collects(server_round)
         measure = sharing is not None and sharing.clients_measure(server_round)
         full = self.full_model_rounds(server_round) or collect
-        config = ConfigRecord(dict(config) | {"full-model": full, "lmc-measure": measure})
+        config = ConfigRecord(dict(config) | {FULL_MODEL: full, LMC_MEASURE: measure})
         messages = self._sampled("train", server_round, grid, self.base.configure_train, arrays, config)
         if measure and collect and messages:
             # One RecordDict is shared by all messages: the reference of the personal blocks is added once.
@@ -294,7 +279,7 @@ class PartialStrategy(Strategy):
         if self.sharing is None or not self.sharing.measures(server_round) or not replies:
             return None
         metrics = [next(iter(reply.content.metric_records.values())) for reply in replies]
-        weights = [float(cast(float, m["num-examples"])) for m in metrics]
+        weights = [float(cast(float, m[NUM_EXAMPLES])) for m in metrics]
         if self.sharing.clients_measure(server_round):
             costs = [
                 {

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedlayer import client_app as fedlayer_client
+from fedlayer.client import app as fedlayer_client
 
 FAULTS_ENV = "FEDLAYER_TEST_FAULT"
 

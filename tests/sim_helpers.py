@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fedlayer.checkpoint import CHECKPOINT
+from fedlayer.run.files import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 # The only fields allowed to differ between identical runs: wall-clock time and the Ray node ids clients ran

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedlayer.config import load_config
-from fedlayer.results import RunDir
+from fedlayer.run.rundir import RunDir
 from fedlayer.simulation import simulate
 from strategies import ALGORITHMS
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlayer.analysis.hook import GLOBAL, AnalysisHook, is_analysis_round, pairs_of
 from fedlayer.config import AnalysisConfig, load_config
+from fedlayer.contract import GLOBAL
 from fedlayer.experiment import federated_data, initial_model
+from fedlayer.server.hook import AnalysisHook, is_analysis_round, pairs_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +186,7 @@ def test_each_model_is_evaluated_once_per_round_not_once_per_pair(tiny_fmnist: P
     """The endpoints of 3 client-client pairs are 3 models: 3 evaluations, and the rows equal the
     per-pair analysis that evaluates both endpoints of every pair itself."""
     from fedlayer.analysis.barriers import barrier_analysis
-    from fedlayer.analysis.hook import BarrierWorker
+    from fedlayer.server.hook import BarrierWorker
 
     cfg = tiny_config(tiny_fmnist, "analysis.pairs='clients'")
     worker = BarrierWorker(cfg)

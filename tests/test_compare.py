@@ -17,8 +17,7 @@ from sim_helpers import cli_args, start, wait_for_rows
 from fedlayer.cli import main
 from fedlayer.compare import Variant, _split_specs
 from fedlayer.config import ConfigError
-from fedlayer.processes import LOCK_FILE
-from fedlayer.simulation import SESSION_FILE
+from fedlayer.run.files import LOCK_FILE, SESSION_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlayer.models import build_model
-from fedlayer.results import RoundRecorder, RunDir
+from fedlayer.run.rundir import RunDir
+from fedlayer.server.observers import RoundRecorder
 from strategies.mechanism import ClientFault, PartialStrategy, RoundFailedError, RoundObserver
 
 ROOT = Path(__file__).resolve().parents[1]

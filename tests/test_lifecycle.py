@@ -16,11 +16,10 @@ import pytest
 import torch
 from sim_helpers import ROOT, assert_same_model, cli_args, env, metrics, run, start, wait_for_rows
 
-from fedlayer.checkpoint import CHECKPOINT
 from fedlayer.cli import main
 from fedlayer.config import load_config, to_toml
-from fedlayer.processes import LOCK_FILE, ProcessRecord
-from fedlayer.simulation import SESSION_FILE
+from fedlayer.processes import ProcessRecord
+from fedlayer.run.files import CHECKPOINT, LOCK_FILE, SESSION_FILE
 
 CLI = [sys.executable, "-m", "fedlayer.cli"]
 

@@ -20,7 +20,8 @@ from sim_helpers import ROOT, cli_args, env, metrics, run
 from fedlayer.cli import main
 from fedlayer.config import load_config
 from fedlayer.processes import terminate_all, using
-from fedlayer.simulation import SESSION_FILE, backend_config, ray_address
+from fedlayer.run.files import SESSION_FILE
+from fedlayer.simulation import backend_config, ray_address
 
 RAY = Path(sys.executable).parent / "ray"
 DEFAULT = ROOT / "experiments" / "default.toml"

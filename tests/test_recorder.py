@@ -8,7 +8,8 @@ import pytest
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlayer.results import RoundRecorder, RunDir
+from fedlayer.run.rundir import RunDir
+from fedlayer.server.observers import RoundRecorder
 
 
 @pytest.fixture(autouse=True)

@@ -16,11 +16,10 @@ import pytest
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fedlayer.analysis.hook import BARRIER_COLUMNS, LANDSCAPE_COLUMNS
-from fedlayer.analysis.plots import cumulative_figure, full_figure, predicted_figure, run_heatmap_figure
 from fedlayer.data.partition import partition_figure
-from fedlayer.readers import read_barriers, read_landscape, read_metrics
-from fedlayer.report import (
+from fedlayer.run.plots import cumulative_figure, full_figure, predicted_figure, run_heatmap_figure
+from fedlayer.run.readers import read_barriers, read_landscape, read_metrics
+from fedlayer.run.report import (
     accuracy_bands_figure,
     accuracy_figure,
     compare_heatmap_figure,
@@ -30,6 +29,7 @@ from fedlayer.report import (
     summary_table,
     table_markdown,
 )
+from fedlayer.server.hook import BARRIER_COLUMNS, LANDSCAPE_COLUMNS
 
 BLOCKS = ["conv1", "conv2", "fc1", "fc2"]
 FMNIST = [

@@ -13,7 +13,7 @@ import pytest
 import torch
 from sim_helpers import ROOT, assert_same_model, cli_args, env, metrics, run
 
-from fedlayer.checkpoint import CHECKPOINT
+from fedlayer.run.files import CHECKPOINT
 
 pytestmark = pytest.mark.slow
 

@@ -17,14 +17,14 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import InMemoryGrid
 
+from fedlayer.client.store import PersonalStore
 from fedlayer.config import Config, load_config
 from fedlayer.data import ClientSplit, DataError, TensorData
 from fedlayer.experiment import FederatedData
 from fedlayer.models import build_model
-from fedlayer.nodes import excluded_partitions
-from fedlayer.results import RunDir
-from fedlayer.server_app import shared_layers
-from fedlayer.store import PersonalStore
+from fedlayer.run.rundir import RunDir
+from fedlayer.server.app import shared_layers
+from fedlayer.server.nodes import excluded_partitions
 from strategies import PartialStrategy
 
 ROOT = Path(__file__).resolve().parents[1]

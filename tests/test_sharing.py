@@ -16,9 +16,10 @@ from sim_helpers import cli_args, metrics, run
 from fedlayer.analysis.evaluate import EvalData, Evaluator
 from fedlayer.analysis.sharing import sharing_costs
 from fedlayer.config import ConfigError, load_config
+from fedlayer.contract import COST_PREFIX, REFERENCE
 from fedlayer.models import build_model, model_blocks
-from strategies.mechanism import COST_PREFIX, REFERENCE, PartialStrategy
-from strategies.sharing import LmcPolicy, LmcRule
+from strategies.lmc import LmcPolicy, LmcRule
+from strategies.mechanism import PartialStrategy
 
 BLOCKS = {name: [f"{name}.weight"] for name in ("conv1", "bn1", "conv2", "fc1", "fc2")}
 

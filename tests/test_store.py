@@ -10,11 +10,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlayer import client_app
+from fedlayer.client import app as client_app
+from fedlayer.client.store import PersonalStore
 from fedlayer.config import load_config, to_toml
 from fedlayer.experiment import federated_data, initial_model
-from fedlayer.server_app import shared_layers
-from fedlayer.store import PersonalStore
+from fedlayer.server.app import shared_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,11 +9,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedlayer.client.recipes import PERSONALIZATIONS, RECIPES, LocalTask, personalize
 from fedlayer.config import ConfigError, StrategyConfig, TrainConfig
 from fedlayer.layers import resolve
 from fedlayer.models import build_model, model_blocks, model_groups
 from strategies import ALGORITHMS, PartialStrategy, get_algorithm, merge_into, restrict_content
-from strategies.recipes import PERSONALIZATIONS, RECIPES, LocalTask, personalize
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from fedlayer.config import Config, ConfigError, load_config
 from fedlayer.deploy.flwr_cli import DeployError, RunOutcome, tail
 from fedlayer.deploy.local import HOST, LocalDeployment, TlsFiles, check_options, default_app_dir
 from fedlayer.inputs import add_config, add_out, check_before_start, check_out, load, positive_int
+from fedlayer.run.files import CONFIG_RESOLVED, DEPLOY, FLOWER_LOG, METRICS
 
 
 def deployment_overrides(cfg: Config, supernodes: int) -> list[str]:
@@ -49,7 +50,7 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"--out: run directory {str(out)!r} exists and is not empty; pass --overwrite")
-        if not any((out / name).exists() for name in ("config.resolved.toml", "metrics.jsonl")):
+        if not any((out / name).exists() for name in (CONFIG_RESOLVED, METRICS)):
             raise ConfigError(f"--out: {str(out)!r} is not a fedlayer run directory; not clearing it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def _deploy_and_run(
     args: argparse.Namespace, cfg: Config, deployment: LocalDeployment, rc: dict[str, str]
 ) -> RunOutcome:
-    from fedlayer.progress import RoundProgress
+    from fedlayer.run.progress import RoundProgress
 
     out = Path(rc["out"])
     mode = ("TLS, SuperNode authentication" if deployment.auth else "TLS") if deployment.tls else "insecure"
@@ -140,15 +141,15 @@ def _deploy_and_run(
 
 def report(outcome: RunOutcome, out: Path) -> int:
     """Write ``deploy.json``, print the outcome; the exit code (1 unless the run completed)."""
-    from fedlayer.results import RunDir
+    from fedlayer.run.rundir import RunDir
 
     run = RunDir(out)
     summary = {"run_id": outcome.run_id, "status": outcome.status, "details": outcome.details}
-    run.write_json("deploy.json", summary | {"seconds": outcome.seconds})
+    run.write_json(DEPLOY, summary | {"seconds": outcome.seconds})
     print(f"run directory: {out}")
     if not outcome.ok:
         print(f"deploy: run {outcome.run_id} {outcome.status}: {outcome.details}", file=sys.stderr)
-        print(tail(out / "flower.log"), file=sys.stderr)
+        print(tail(out / FLOWER_LOG), file=sys.stderr)
         return 1
     rows = run.read_jsonl()
     if rows:
@@ -163,7 +164,7 @@ def _progress_from_metrics(out: Path, update: Callable[[dict[str, Any]], None]) 
     seen = [0]
 
     def tick() -> None:
-        path = out / "metrics.jsonl"
+        path = out / METRICS
         if not path.exists():
             return
         lines = [line for line in path.read_text().splitlines() if line.strip()]

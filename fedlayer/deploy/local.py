@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from fedlayer.config import ConfigError
+from fedlayer.contract import NODE_DATA_DIR, NODE_PARTITION_ID, NODE_PARTITIONS, NODE_STATE_DIR
 from fedlayer.deploy.flwr_cli import (
     CONNECTION,
     START_TIMEOUT,
@@ -26,6 +27,7 @@ from fedlayer.deploy.flwr_cli import (
     tail,
 )
 from fedlayer.processes import stop, terminate, with_environment
+from fedlayer.run.files import FLOWER_LOG
 
 HOST = "127.0.0.1"
 NODE_MARK = "FEDLAYER_SUPERNODE"  # environment variable naming the SuperNode a process belongs to
@@ -245,7 +247,7 @@ class LocalDeployment:
         logs = out / "deploy"
         logs.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.workdir.glob("*.log")):
-            target = out / "flower.log" if path.name == "flower.log" else logs / path.name
+            target = out / FLOWER_LOG if path.name == FLOWER_LOG else logs / path.name
             shutil.copyfile(path, target)
 
     def _control(self) -> FlwrControl:
@@ -265,9 +267,11 @@ class LocalDeployment:
 
     def _supernode_command(self, index: int) -> list[str]:
         state_dir = json.dumps(str(self.workdir / f"supernode-{index}-state"))
-        node_config = f"partition-id={index} num-partitions={self.supernodes} state-dir={state_dir}"
+        node_config = (
+            f"{NODE_PARTITION_ID}={index} {NODE_PARTITIONS}={self.supernodes} {NODE_STATE_DIR}={state_dir}"
+        )
         if self.node_data is not None:
-            node_config += f" data-dir={json.dumps(str(self.node_data / f'partition-{index}'))}"
+            node_config += f" {NODE_DATA_DIR}={json.dumps(str(self.node_data / f'partition-{index}'))}"
         command = [executable("flower-supernode"), "--superlink", f"{HOST}:{self.port}"]
         command += ["--port", str(free_port()), "--node-config", node_config]
         # The SuperNode's own Runtime API (ClientApp processes) stays on plain HTTP at 127.0.0.1.

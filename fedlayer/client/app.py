@@ -1,4 +1,7 @@
-"""Flower ClientApp: local training with personal layers kept in a :class:`PersonalStore` on disk.
+"""The client side's Flower adapter: local training, personal layers kept in a :class:`PersonalStore` on disk.
+
+What a client does locally is its algorithm's recipe (:mod:`fedlayer.client.recipes`, named by the declaration
+in :mod:`strategies.algorithms`); ``lmc``'s measurement is :mod:`fedlayer.client.lmc`.
 
 The experiment config arrives in every instruction (``config["experiment"]``, TOML), so the same
 ClientApp runs unchanged in the simulation engine and on SuperNodes; the partition comes from the
@@ -22,24 +25,38 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from fedlayer.analysis.sharing import cost_sample, sharing_costs
+from fedlayer.client import lmc
+from fedlayer.client.recipes import LocalTask, personalize, train_locally
+from fedlayer.client.store import PersonalStore
 from fedlayer.config import Config, config_from_dict
+from fedlayer.contract import (
+    ARRAYS,
+    CONFIG,
+    EXPERIMENT,
+    FULL_MODEL,
+    LMC_MEASURE,
+    METRICS,
+    NODE_DATA_DIR,
+    NODE_STATE_DEFAULT,
+    NODE_STATE_DIR,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PLACEMENT,
+    RAY_NODE,
+    REFERENCE,
+    SERVER_ROUND,
+    STATE_DIR,
+    client_error,
+    node_partition_id,
+)
 from fedlayer.data import TensorData
 from fedlayer.data.folder import load_folder
-from fedlayer.experiment import client_generator, cost_generator, federated_data, initial_model
+from fedlayer.experiment import client_generator, federated_data, initial_model
 from fedlayer.models import model_blocks, model_groups
-from fedlayer.results import PLACEMENT, RAY_NODE
-from fedlayer.store import PersonalStore
 from fedlayer.training import evaluate, load_state, resolve_device
 from strategies.algorithms import get_algorithm
-from strategies.mechanism import COST_PREFIX, REFERENCE
-from strategies.recipes import LocalTask, personalize, train_locally
 
 app = ClientApp()
-# Where personal layers live: the instruction's config (simulation: the run's clients/ folder), else the
-# node config (a SuperNode's own folder, one subfolder per run).
-STATE_DIR = "state-dir"
-NODE_STATE_DIR = "fedlayer-state"  # a SuperNode's default, relative to its working directory
 
 
 @lru_cache(maxsize=4)
@@ -48,10 +65,11 @@ def _parse(experiment: str) -> Config:
 
 
 def personal_store(config: ConfigRecord, context: Context) -> PersonalStore:
-    """The store of this client's personal layers (see :data:`STATE_DIR`)."""
+    """The store of this client's personal layers: the instruction's ``state-dir`` (simulation: the run's
+    clients/ folder), else the node config's (a SuperNode's own folder, one subfolder per run)."""
     if config.get(STATE_DIR):
         return PersonalStore(str(config[STATE_DIR]))
-    node_dir = Path(str(context.node_config.get(STATE_DIR, NODE_STATE_DIR)))
+    node_dir = Path(str(context.node_config.get(NODE_STATE_DIR, NODE_STATE_DEFAULT)))
     return PersonalStore(node_dir / f"run-{context.run_id}")
 
 
@@ -72,18 +90,18 @@ class ClientJob:
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientJob:
-        config = msg.content.config_records["config"]
-        cfg = _parse(str(config["experiment"]))
-        partition_id = int(context.node_config["partition-id"])
+        config = msg.content.config_records[CONFIG]
+        cfg = _parse(str(config[EXPERIMENT]))
+        partition_id = node_partition_id(context.node_config)
         train_data, test_data = client_data(cfg, context.node_config)
         device = resolve_device(cfg.train.device)
         model = initial_model(cfg, train_data)
-        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
         store = personal_store(config, context)
         personal = store.load(partition_id, server_round)
         if personal is not None:  # else the client never trained: the initial model's personal layers
             load_state(model, personal)
-        arrays = msg.content["arrays"]
+        arrays = msg.content[ARRAYS]
         incoming = arrays.to_torch_state_dict()  # type: ignore[union-attr]
         load_state(model, incoming)
         return cls(
@@ -134,35 +152,24 @@ class ClientJob:
             return list(self.model.state_dict())
         return self.personal_keys()
 
-    def sharing_costs(self, reference: ArrayRecord | None) -> dict[str, float]:
-        """The cost of sharing each block (``lmc`` decision rounds): toward the incoming global blocks and,
-        when the server sent one, its reference for the personal ones, on a seeded sample of the local
-        training data. Blocks without a server value are not measured."""
-        server = self.incoming | (reference.to_torch_state_dict() if reference is not None else {})
-        generator = cost_generator(self.cfg, self.partition_id, self.server_round)
-        sample = cost_sample(self.train_data.x, self.train_data.y, self.cfg.strategy.lmc_samples, generator)
-        blocks = {b: keys for b, keys in model_blocks(self.model).items() if set(keys) <= server.keys()}
-        alpha = self.cfg.strategy.lmc_alpha
-        return sharing_costs(self.model, server, blocks, sample, device=self.device, alpha=alpha)
-
 
 def client_data(cfg: Config, node_config: Mapping[str, object]) -> tuple[TensorData, TensorData]:
     """The node's own data (node config ``data-dir``, ImageFolder layout) or its benchmark partition."""
-    if node_config.get("data-dir"):
-        return load_folder(str(node_config["data-dir"]), cfg.data.dataset, cfg.data.normalize)
-    return federated_data(cfg).client(int(node_config["partition-id"]))  # type: ignore[call-overload]
+    if node_config.get(NODE_DATA_DIR):
+        return load_folder(str(node_config[NODE_DATA_DIR]), cfg.data.dataset, cfg.data.normalize)
+    return federated_data(cfg).client(node_partition_id(node_config))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the assembled model with the algorithm's recipe; keep personal layers; reply shared ones."""
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = node_partition_id(context.node_config)
     try:
         return _train(msg, context)
     except Exception as err:
         # Flower reports only the exception text; the server logs the fault by partition id, and the
         # SuperNode's log gets the same one line before Flower's traceback.
-        reason = f"partition-id={partition_id}: {type(err).__name__}: {err}"
+        reason = client_error(partition_id, err)
         log(ERROR, "fedlayer: %s", reason)
         raise RuntimeError(reason) from err
 
@@ -174,12 +181,12 @@ def _train(msg: Message, context: Context) -> Message:
     train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
     loss_after, acc_after = job.personalized_eval(task)
     job.store.save(job.partition_id, job.server_round, job.state(job.kept_keys()).to_torch_state_dict())
-    config = msg.content["config"]
-    full = bool(config.get("full-model", False))
+    config = msg.content[CONFIG]
+    full = bool(config.get(FULL_MODEL, False))
     metrics = MetricRecord(
         {
-            "num-examples": len(job.train_data),
-            "partition-id": job.partition_id,
+            NUM_EXAMPLES: len(job.train_data),
+            PARTITION_ID: job.partition_id,
             "train_loss": train_loss,
             "personalized_acc_after": acc_after,
             "personalized_loss_after": loss_after,
@@ -187,12 +194,11 @@ def _train(msg: Message, context: Context) -> Message:
     )
     if before is not None:
         metrics["personalized_loss_before"], metrics["personalized_acc_before"] = before
-    if config.get("lmc-measure"):
-        reference = msg.content.array_records.get(REFERENCE)
-        for block, cost in job.sharing_costs(reference).items():
-            metrics[COST_PREFIX + block] = cost
+    if config.get(LMC_MEASURE):
+        for key, cost in lmc.cost_metrics(job, msg.content.array_records.get(REFERENCE)).items():
+            metrics[key] = cost
     arrays = job.state(None if full else job.received)
-    content = RecordDict({"arrays": arrays, "metrics": metrics})
+    content = RecordDict({ARRAYS: arrays, METRICS: metrics})
     node = _ray_node_id()
     if node is not None:
         content[PLACEMENT] = ConfigRecord({RAY_NODE: node})
@@ -210,8 +216,8 @@ def _ray_node_id() -> str | None:
 @app.query("partition")
 def query_partition(msg: Message, context: Context) -> Message:
     """This node's partition id (the server orders nodes by it, so sampling is reproducible)."""
-    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({PARTITION_ID: node_partition_id(context.node_config)})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -221,10 +227,10 @@ def evaluate_personalized(msg: Message, context: Context) -> Message:
     loss, acc = job.personalized_eval(job.task(), last_round=job.server_round == job.cfg.federation.rounds)
     metrics = MetricRecord(
         {
-            "num-examples": len(job.test_data),
-            "partition-id": job.partition_id,
+            NUM_EXAMPLES: len(job.test_data),
+            PARTITION_ID: job.partition_id,
             "personalized_acc": acc,
             "personalized_loss": loss,
         }
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)

@@ -7,18 +7,17 @@ partition holds fewer than 2 samples are never sampled.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from flwr.app import Message, MessageType, RecordDict
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.serverapp import Grid
-from flwr.superlink.grid import InMemoryGrid
 
+from fedlayer import flower
 from fedlayer.config import Config
+from fedlayer.contract import METRICS, PARTITION_ID, partition_of
 from fedlayer.data import DataError, empty_partitions
 from fedlayer.experiment import FederatedData
-from strategies.mechanism import RoundObserver, partition_of
+from strategies.mechanism import RoundObserver
 
 
 def excluded_partitions(cfg: Config, data: FederatedData) -> list[int]:
@@ -45,27 +44,11 @@ def node_partitions(grid: Grid, cfg: Config, excluding: bool) -> dict[int, int]:
     A simulation knows it for free; SuperNodes are asked (one message each, in parallel) only when
     sampling or exclusion needs it: otherwise replies teach the strategy.
     """
-    simulated = simulated_partitions(grid, cfg.federation.clients)
+    simulated = flower.simulated_partitions(grid, cfg.federation.clients)
     if simulated is not None:
         return simulated
     f = cfg.federation
     return discover_partitions(grid) if f.fraction_train < 1 or f.fraction_evaluate < 1 or excluding else {}
-
-
-def simulated_partitions(grid: Grid, clients: int, timeout: float = 60.0) -> dict[int, int] | None:
-    """Node id -> partition id in Flower's simulation engine, without a message; ``None`` elsewhere.
-
-    flwr 1.42 registers the node of partition i as the i-th node of its in-memory LinkState
-    (``vce_api._register_nodes``), which keeps nodes in that order. The strategy checks the partition id
-    of every reply against this mapping.
-    """
-    state = getattr(grid, "state", None)
-    if not isinstance(grid, InMemoryGrid) or not isinstance(state, InMemoryLinkState):
-        return None
-    deadline = time.monotonic() + timeout  # the engine registers its nodes while the ServerApp starts
-    while len(nodes := state.get_node_info()) < clients and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return {node.node_id: pid for pid, node in enumerate(nodes)}
 
 
 def discover_partitions(grid: Grid) -> dict[int, int]:
@@ -76,7 +59,7 @@ def discover_partitions(grid: Grid) -> dict[int, int]:
     ]
     replies = grid.send_and_receive(messages)
     return {
-        r.metadata.src_node_id: int(r.content["metrics"]["partition-id"])  # type: ignore[arg-type]
+        r.metadata.src_node_id: int(r.content[METRICS][PARTITION_ID])  # type: ignore[arg-type]
         for r in replies
         if r.has_content()
     }

@@ -25,9 +25,10 @@ from fedlayer.analysis.barriers import BarrierRow, Endpoints, barrier_analysis, 
 from fedlayer.analysis.evaluate import Evaluator
 from fedlayer.analysis.landscape import LandscapeRow, landscape
 from fedlayer.config import AnalysisConfig, Config
+from fedlayer.contract import GLOBAL
+from fedlayer.run.files import ANALYSIS_ERRORS, BARRIERS, LANDSCAPE
 
 State = dict[str, torch.Tensor]
-GLOBAL = "global"
 PAIR_COLUMNS = ["round", "client_a", "client_b"]
 BARRIER_COLUMNS = PAIR_COLUMNS + [f.name for f in dataclasses.fields(BarrierRow)]
 LANDSCAPE_COLUMNS = PAIR_COLUMNS + [f.name for f in dataclasses.fields(LandscapeRow)]
@@ -158,8 +159,8 @@ class AnalysisHook:
 
     def __init__(self, cfg: Config, run_dir: Path, *, use_ray: bool = True) -> None:
         self.cfg, self.run_dir, self.use_ray = cfg, run_dir, use_ray
-        self.barriers = CsvLog(run_dir / "barriers.csv", BARRIER_COLUMNS)
-        self.landscape = CsvLog(run_dir / "landscape.csv", LANDSCAPE_COLUMNS)
+        self.barriers = CsvLog(run_dir / BARRIERS, BARRIER_COLUMNS)
+        self.landscape = CsvLog(run_dir / LANDSCAPE, LANDSCAPE_COLUMNS)
         self.pending: list[tuple[int, Any]] = []
         self.failures = 0
         self.recent: dict[int, list[dict[str, Any]]] = {}  # barrier rows of rounds not read by rows_of yet
@@ -224,7 +225,7 @@ class AnalysisHook:
         """A failing analysis never stops training unless ``analysis.strict``."""
         self.failures += 1
         text = "".join(traceback.format_exception(err))
-        with open(self.run_dir / "analysis_errors.log", "a") as fh:
+        with open(self.run_dir / ANALYSIS_ERRORS, "a") as fh:
             fh.write(f"round {server_round}:\n{text}\n")
         if self.cfg.analysis.strict:
             raise RuntimeError(
@@ -243,7 +244,7 @@ class AnalysisHook:
     def finish(self, interrupt: Callable[[], None] | None = None) -> None:
         """Wait for the remaining rounds, then plot; ``interrupt`` is called every second while waiting and
         may raise to end the wait (a Ctrl-C)."""
-        from fedlayer.analysis.plots import plot_analysis
+        from fedlayer.run.plots import plot_analysis
 
         while self.pending:
             if interrupt is not None:

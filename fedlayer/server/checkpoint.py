@@ -7,7 +7,7 @@ of ``metrics.jsonl`` so far and the size of every other row file (analysis rows 
 tensors and plain Python values only, so it loads with ``torch.load(path, weights_only=True)``.
 
 Personal layers live on the clients. In simulation they keep them in the run directory's ``clients/``
-folder (a :class:`fedlayer.store.PersonalStore`; the server passes the folder in the train and evaluate
+folder (a :class:`fedlayer.client.store.PersonalStore`; the server passes the folder in the train and evaluate
 config as ``state-dir``). After checkpointing round k the server drops the older states of the clients
 that trained in round k; on resume it deletes states of rounds > k (written after the checkpoint).
 """
@@ -25,16 +25,15 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
+from fedlayer.client.store import PersonalStore
 from fedlayer.config import ConfigError
-from fedlayer.results import METRICS, RunDir
-from fedlayer.store import PersonalStore
-from strategies.mechanism import PartialStrategy, RoundObserver, partition_of
+from fedlayer.contract import partition_of
+from fedlayer.flower import STRATEGY_STATE
+from fedlayer.run.files import CHECKPOINT, CLIENT_STATE, CONFIG_RESOLVED, METRICS
+from fedlayer.run.rundir import RunDir
+from strategies.mechanism import PartialStrategy, RoundObserver
 
-CHECKPOINT = "checkpoint.pt"
-CLIENT_STATE = "clients"
 FORMAT = 1
-# Server-side optimizer state of Flower's strategies (FedAvgM, FedOpt family); absent attributes are skipped.
-STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -94,7 +93,7 @@ def load_checkpoint(run: RunDir) -> Checkpoint:
         raise ConfigError(
             f"--resume: {str(path)!r} is damaged ({type(err).__name__}: {_first_line(err)}), so the state "
             f"of the run's last round is gone and it cannot be resumed; start over with "
-            f"`fedlayer run {run.file('config.resolved.toml')} --out NEW_DIR`"
+            f"`fedlayer run {run.file(CONFIG_RESOLVED)} --out NEW_DIR`"
         ) from err
 
 

@@ -1,7 +1,7 @@
 """Reports from saved files: a run's plots, and a compare directory's table, plots and ``report.md``.
 
 ``fedlayer report DIR`` re-renders everything here from what a run wrote (read through
-:mod:`fedlayer.readers`); nothing is recomputed from models. Tables are pandas group-bys over one summary
+:mod:`fedlayer.run.readers`); nothing is recomputed from models. Tables are pandas group-bys over one summary
 row per run; figures are matplotlib ``Figure`` objects (no pyplot state).
 """
 
@@ -19,9 +19,22 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from fedlayer.config import ConfigError
-from fedlayer.readers import (
+from fedlayer.run.files import (
+    ACCURACY_PLOT,
+    BARRIER_HEATMAPS,
+    CONFIG_RESOLVED,
+    METRICS,
     PARTITION,
+    PARTITION_PLOT,
+    PREDICTION,
+    PREDICTION_CSV,
+    REPORT,
     SUMMARY,
+    SWEEP,
+    TABLE,
+    TABLE_CSV,
+)
+from fedlayer.run.readers import (
     midpoint,
     read_barriers,
     read_json,
@@ -29,7 +42,6 @@ from fedlayer.readers import (
     read_metrics,
 )
 
-SWEEP = "sweep.json"
 POOLED = "Σ correct / Σ test samples over all clients (PFLlib's number)"
 # metrics.jsonl keys of a run's accuracy plot, with their legend
 RUN_CURVES = {
@@ -50,7 +62,7 @@ BAND_CURVES = {
 
 def accuracy_figure(metrics: pd.DataFrame, title: str = "") -> Figure | None:
     """Accuracy (%) over rounds: the global model and the personalized models (mean, pooled, worst 10%)."""
-    from fedlayer.analysis.plots import round_axis
+    from fedlayer.run.plots import round_axis
 
     if metrics.empty:
         return None
@@ -71,8 +83,8 @@ def plot_accuracy(run_dir: Path) -> Path | None:
     fig = accuracy_figure(read_metrics(run_dir), Path(run_dir).name)
     if fig is None:
         return None
-    fig.savefig(Path(run_dir) / "accuracy.png", dpi=120)
-    return Path(run_dir) / "accuracy.png"
+    fig.savefig(Path(run_dir) / ACCURACY_PLOT, dpi=120)
+    return Path(run_dir) / ACCURACY_PLOT
 
 
 def known_class_names(run_dir: Path) -> tuple[str, ...]:
@@ -80,7 +92,7 @@ def known_class_names(run_dir: Path) -> tuple[str, ...]:
     dataset's class alone (Fashion-MNIST, MNIST; CIFAR reads them from its data files)."""
     from fedlayer.data.sources import SPECS
 
-    config = Path(run_dir) / "config.resolved.toml"
+    config = Path(run_dir) / CONFIG_RESOLVED
     if not config.exists():
         return ()
     dataset = tomllib.loads(config.read_text()).get("data", {}).get("dataset", "")
@@ -89,22 +101,20 @@ def known_class_names(run_dir: Path) -> tuple[str, ...]:
 
 def render_run(run_dir: Path) -> list[Path]:
     """Re-render every plot of a run directory from its files; returns the files written."""
-    from fedlayer.analysis.plots import plot_analysis
     from fedlayer.data.partition import partition_plot
+    from fedlayer.run.plots import plot_analysis
 
     run_dir = Path(run_dir)
     made = [path for path in [plot_accuracy(run_dir)] if path is not None]
     partition = read_json(run_dir / PARTITION)
     if partition:
         names = () if partition.get("class_names") else known_class_names(run_dir)
-        partition_plot(partition, names).savefig(run_dir / "partition.png", dpi=110)
-        made.append(run_dir / "partition.png")
+        partition_plot(partition, names).savefig(run_dir / PARTITION_PLOT, dpi=110)
+        made.append(run_dir / PARTITION_PLOT)
     return made + plot_analysis(run_dir) + write_prediction_table(run_dir)
 
 
 # ----------------------------------------------------------------------------- Landscaping's prediction
-
-PREDICTION = "prediction.md"
 
 
 def _spearman(a: pd.Series, b: pd.Series) -> float:
@@ -156,13 +166,13 @@ def write_prediction_table(run_dir: Path) -> list[Path]:
     table = prediction_table(read_landscape(run_dir))
     if table.empty:
         return []
-    table.to_csv(run_dir / "prediction.csv", index=False)
+    table.to_csv(run_dir / PREDICTION_CSV, index=False)
     header = (
         "Predicted (−⅛ ΔᵀHΔ, Hessian at the path midpoint) vs measured midpoint barrier of the single-block"
         " path, per block over rounds and pairs; ratio = measured / predicted.\n\n"
     )
     (run_dir / PREDICTION).write_text(header + markdown(table))
-    return [run_dir / "prediction.csv", run_dir / PREDICTION]
+    return [run_dir / PREDICTION_CSV, run_dir / PREDICTION]
 
 
 # ----------------------------------------------------------------------------- compare table
@@ -329,8 +339,8 @@ def table_markdown(table: pd.DataFrame) -> str:
 
 def write_table(out: Path, table: pd.DataFrame) -> None:
     """table.csv (raw values: accuracies as fractions, bytes) and table.md (as :data:`FORMATS` shows them)."""
-    table.to_csv(out / "table.csv", index=False, float_format="%.6g")
-    (out / "table.md").write_text(table_markdown(table))
+    table.to_csv(out / TABLE_CSV, index=False, float_format="%.6g")
+    (out / TABLE).write_text(table_markdown(table))
 
 
 # ----------------------------------------------------------------------------- compare plots
@@ -350,7 +360,7 @@ def _curves(paths: Sequence[Path], key: str) -> pd.DataFrame:
 def accuracy_bands_figure(groups: Mapping[str, Sequence[Path]]) -> Figure:
     """One panel per accuracy (client mean; pooled where runs have it): per strategy the mean over seeds
     and a band from the lowest to the highest seed."""
-    from fedlayer.analysis.plots import round_axis
+    from fedlayer.run.plots import round_axis
 
     curves = {key: {label: _curves(paths, key) for label, paths in groups.items()} for key in BAND_CURVES}
     panels = {key: found for key, found in curves.items() if any(not c.empty for c in found.values())}
@@ -385,7 +395,7 @@ def accuracy_bands_figure(groups: Mapping[str, Sequence[Path]]) -> Figure:
 
 def compare_heatmap_figure(groups: Mapping[str, Sequence[Path]]) -> Figure | None:
     """Layer x round barrier heatmaps of every strategy, each cell the mean over seeds, pairs and bases."""
-    from fedlayer.analysis.plots import describe_bases, describe_pairs, heatmap_figure, layer_grid
+    from fedlayer.run.plots import describe_bases, describe_pairs, heatmap_figure, layer_grid
 
     barriers = {
         label: pd.concat([read_barriers(p).assign(run=p.name) for p in paths], ignore_index=True)
@@ -422,12 +432,12 @@ def write_report(out: Path) -> None:
     groups = discover(out)
     table = summary_table(groups)
     write_table(out, table)
-    accuracy_bands_figure(groups).savefig(out / "accuracy.png", dpi=120)
+    accuracy_bands_figure(groups).savefig(out / ACCURACY_PLOT, dpi=120)
     heatmaps = compare_heatmap_figure(groups)
     if heatmaps is not None:
-        heatmaps.savefig(out / "barrier_heatmaps.png", dpi=120)
+        heatmaps.savefig(out / BARRIER_HEATMAPS, dpi=120)
     first = next(iter(groups.values()))[0]
-    setup = (first / "config.resolved.toml").read_text()
+    setup = (first / CONFIG_RESOLVED).read_text()
     lines = [
         f"# Strategy comparison: {Path(manifest['config']).name}",
         "",
@@ -446,7 +456,7 @@ def write_report(out: Path) -> None:
     if heatmaps is not None:
         lines += ["![layer-wise barriers](barrier_heatmaps.png)", ""]
     lines += ["## Setup (first run's resolved config)", "", "```toml", setup.strip(), "```", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    (out / REPORT).write_text("\n".join(lines))
 
 
 def render(path: Path) -> list[Path]:
@@ -455,7 +465,7 @@ def render(path: Path) -> list[Path]:
     if (path / SWEEP).exists():
         made = [file for runs in discover(path).values() for run in runs for file in render_run(run)]
         write_report(path)
-        return [*made, path / "report.md"]
-    if (path / "metrics.jsonl").exists():
+        return [*made, path / REPORT]
+    if (path / METRICS).exists():
         return render_run(path)
     raise ConfigError(f"report: {str(path)!r} is neither a run directory nor a compare directory")

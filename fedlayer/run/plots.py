@@ -19,8 +19,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedlayer.analysis.hook import GLOBAL
-from fedlayer.readers import midpoint, read_barriers, read_json, read_landscape
+from fedlayer.contract import GLOBAL
+from fedlayer.run.files import LAYERS_BY_ROUND, SHARED_BLOCKS_PLOT
+from fedlayer.run.readers import midpoint, read_barriers, read_json, read_landscape
 
 BARRIER = "L(midpoint) − ½[L(A) + L(B)]"
 SIGN = "> 0: worse than the two models, < 0: better"
@@ -247,12 +248,9 @@ def plot_analysis(run_dir: Path) -> list[Path]:
         "barrier_full.png": full_figure(barriers),
         "barrier_cumulative.png": cumulative_figure(barriers),
         "barrier_predicted.png": predicted_figure(read_landscape(run_dir)),
-        "shared_blocks.png": shared_blocks_figure(read_json(run_dir / LAYERS_BY_ROUND)),
+        SHARED_BLOCKS_PLOT: shared_blocks_figure(read_json(run_dir / LAYERS_BY_ROUND)),
     }
     return [save(fig, run_dir / name) for name, fig in figures.items() if fig is not None]
-
-
-LAYERS_BY_ROUND = "layers_by_round.json"
 
 
 def shared_blocks_figure(history: Mapping[str, Any]) -> Figure | None:
@@ -285,4 +283,4 @@ def shared_blocks_figure(history: Mapping[str, Any]) -> Figure | None:
 def plot_shared_blocks(run_dir: Path) -> Path | None:
     """``shared_blocks.png`` of an ``lmc`` run (see :func:`shared_blocks_figure`)."""
     fig = shared_blocks_figure(read_json(Path(run_dir) / LAYERS_BY_ROUND))
-    return save(fig, Path(run_dir) / "shared_blocks.png") if fig is not None else None
+    return save(fig, Path(run_dir) / SHARED_BLOCKS_PLOT) if fig is not None else None

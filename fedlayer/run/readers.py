@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-METRICS, BARRIERS, LANDSCAPE = "metrics.jsonl", "barriers.csv", "landscape.csv"
-SUMMARY, PARTITION = "summary.json", "partition.json"
+from fedlayer.run.files import BARRIERS, LANDSCAPE, METRICS
+
 MIDPOINT = 0.5
 # Text columns of the analysis CSVs: "" stays "" (not NaN), client ids stay strings ("global" among ints).
 _TEXT = ("client_a", "client_b", "kind", "order", "base", "block", "hessian_at")

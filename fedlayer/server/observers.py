@@ -1,71 +1,40 @@
-"""Run directory: writes metrics.jsonl, model files and JSON reports (reading, plots: readers, report)."""
+"""The server's round observers that are not an algorithm's: the metrics row, memory, interruption, the
+analysis hook's feed.
+
+A :class:`strategies.RoundObserver` sees every message of a round; the mechanism calls them in order.
+"""
 
 from __future__ import annotations
 
-import json
+import ctypes
+import ctypes.util
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedlayer.config import ConfigError
-from fedlayer.processes import LOCK_FILE
-from fedlayer.readers import METRICS, read_jsonl
+from fedlayer.config import Config
+from fedlayer.contract import (
+    ARRAYS,
+    EVALUATE_METRICS,
+    GLOBAL,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PLACEMENT,
+    RAY_NODE,
+    TRAIN_METRICS,
+)
+from fedlayer.run import files
+from fedlayer.run.rundir import RunDir
+from fedlayer.server.hook import AnalysisHook, is_analysis_round
 from strategies.mechanism import ClientFault, RoundObserver
 
-PLACEMENT, RAY_NODE = "placement", "ray-node-id"  # train replies in simulation: ConfigRecord {RAY_NODE: id}
-
-
-class RunDir:
-    """A run's output folder; never silently overwritten."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @classmethod
-    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDir:
-        path = Path(path)
-        if path.exists() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
-            raise ConfigError(f"--out: run directory {str(path)!r} exists and is not empty; pass --overwrite")
-        path.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            (path / METRICS).unlink(missing_ok=True)
-        return cls(path)
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def write_json(self, name: str, obj: Any) -> None:
-        self._atomic_write(name, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-    def write_text(self, name: str, text: str) -> None:
-        self._atomic_write(name, text)
-
-    def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
-        with open(self.file(name), "a") as fh:
-            fh.write(json.dumps(row, default=_jsonable) + "\n")
-
-    def read_jsonl(self, name: str = METRICS) -> list[dict[str, Any]]:
-        return read_jsonl(self.file(name))
-
-    def _atomic_write(self, name: str, text: str) -> None:
-        tmp = self.file(name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.file(name))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+RoundCallback = Callable[[dict[str, Any]], None]
 
 
 def client_stats(name: str, values: Sequence[float]) -> dict[str, float]:
@@ -99,23 +68,15 @@ def _client_nodes(replies: Sequence[Message]) -> dict[str, str]:
     nodes = {}
     for reply in replies:
         if reply.has_content() and PLACEMENT in reply.content.config_records:
-            partition = int(reply.content.metric_records["metrics"]["partition-id"])  # type: ignore[arg-type]
+            partition = int(reply.content.metric_records[METRICS][PARTITION_ID])  # type: ignore[arg-type]
             nodes[partition] = str(reply.content.config_records[PLACEMENT][RAY_NODE])
     return {str(p): nodes[p] for p in sorted(nodes)}
-
-
-RoundCallback = Callable[[dict[str, Any]], None]
 
 
 class RoundRecorder(RoundObserver):
     """Collects a round's client metrics and payload sizes; ``finish_round`` writes the row."""
 
-    CLIENT_KEYS = (
-        "train_loss",
-        "personalized_acc_before",
-        "personalized_acc_after",
-        "personalized_loss_after",
-    )
+    CLIENT_KEYS = TRAIN_METRICS
 
     def __init__(self, run: RunDir, on_round: RoundCallback | None = None) -> None:
         self.run = run
@@ -156,11 +117,11 @@ class RoundRecorder(RoundObserver):
 
     def on_evaluate_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         metrics = _reply_metrics(replies)
-        self.row |= client_stats("personalized_acc", [m["personalized_acc"] for m in metrics])
-        self.row |= client_stats("personalized_loss", [m["personalized_loss"] for m in metrics])
+        for key in EVALUATE_METRICS:
+            self.row |= client_stats(key, [m[key] for m in metrics])
         if metrics:
             # Σ correct / Σ test samples, as PFLlib reports it (the mean above weighs clients equally)
-            sizes = np.array([m["num-examples"] for m in metrics])
+            sizes = np.array([m[NUM_EXAMPLES] for m in metrics])
             accs = np.array([m["personalized_acc"] for m in metrics])
             self.row["personalized_acc_pooled"] = float((accs * sizes).sum() / max(sizes.sum(), 1))
 
@@ -169,42 +130,62 @@ class RoundRecorder(RoundObserver):
         row = {"round": server_round, "global_acc": global_acc, "global_loss": global_loss}
         if server_round > 0:
             row = self.row | row | {"round_seconds": time.perf_counter() - self.started}
-            self.run.append_jsonl(METRICS, row)
+            self.run.append_jsonl(files.METRICS, row)
         if self.on_round is not None:
             self.on_round(row)
         return row
 
 
-def save_arrays(run: RunDir, name: str, arrays: ArrayRecord) -> None:
-    """A state dict (torch.save of tensors only: loads with ``torch.load(weights_only=True)``)."""
-    import torch
+class HeapTrim(RoundObserver):
+    """Hands the memory freed during a round back to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
 
-    tmp = run.file(name + ".tmp")
-    torch.save(arrays.to_torch_state_dict(), tmp)
-    os.replace(tmp, run.file(name))
+    The engine (de)serializes every message in its own threads; glibc keeps what they free in per-thread
+    arenas, and the server's RSS crept up ~0.1 MiB per round without this (bench/memory.py).
+    """
+
+    def __init__(self) -> None:
+        libc = ctypes.util.find_library("c")
+        self._trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+    def on_evaluate_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        if self._trim is not None:
+            self._trim(0)
 
 
-class TensorBoardLog:
-    """Per-round scalars (every numeric metric of the row) to ``RUN_DIR/tensorboard`` when enabled."""
+class AnalysisObserver(RoundObserver):
+    """Hands the full client models of analysis rounds (and the new global model) to the analysis hook."""
 
-    def __init__(self, run: RunDir, *, enabled: bool) -> None:
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, cfg: Config, hook: AnalysisHook) -> None:
+        self.cfg, self.hook = cfg, hook
+        self.models: dict[int | str, dict] = {}
 
-            self.writer = SummaryWriter(log_dir=str(run.file("tensorboard")))
-
-    def __enter__(self) -> TensorBoardLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-    def add(self, row: dict[str, Any]) -> None:
-        if self.writer is None or row["round"] == 0:
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        if not is_analysis_round(self.cfg.analysis, server_round):
             return
-        for key, value in row.items():
-            if key != "round" and isinstance(value, int | float):
-                self.writer.add_scalar(key, value, row["round"])
-        self.writer.flush()
+        for reply in replies:
+            if reply.has_content():
+                pid = int(reply.content.metric_records[METRICS][PARTITION_ID])  # type: ignore[arg-type]
+                self.models[pid] = reply.content.array_records[ARRAYS].to_torch_state_dict()
+
+    def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
+        if not self.models:
+            self.hook.poll()
+            return
+        models, self.models = self.models, {}
+        if self.cfg.analysis.pairs in ("global", "both"):
+            models[GLOBAL] = aggregated.to_torch_state_dict()
+        self.hook.submit(server_round, models, previous.to_torch_state_dict())
+
+
+class Interruption(RoundObserver):
+    """Calls ``interrupt`` as soon as a round's replies are in, before they count: the replies of clients
+    stopped by an interruption must be neither faults nor results."""
+
+    def __init__(self, interrupt: Callable[[], None]) -> None:
+        self.interrupt = interrupt
+
+    def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        self.interrupt()
+
+    def on_evaluate_replies(self, server_round: int, replies: Sequence[Message]) -> None:
+        self.interrupt()

@@ -1,0 +1,73 @@
+"""The wire: what the server and the clients say to each other, named once.
+
+Flower's Message API carries RecordDicts; fedlayer's messages hold one ArrayRecord (``arrays``), one
+ConfigRecord (``config``) on the way down and one MetricRecord (``metrics``) on the way up. Every key of
+them, the node-config keys a SuperNode is started with, and the way a client's partition id travels (in its
+metrics, or inside the text of an error reply, since Flower passes only the exception text) live here, so
+that both sides and every reader of replies agree by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:  # the contract loads without Flower (config validation, the deploy command)
+    from flwr.app import Message
+
+# Record names in a message's content.
+ARRAYS = "arrays"  # ArrayRecord: shared keys down; shared keys (or the full model) up
+CONFIG = "config"  # ConfigRecord of an instruction
+METRICS = "metrics"  # MetricRecord of a reply
+REFERENCE = "reference"  # train instruction, lmc: the server's value of the round's personal blocks
+PLACEMENT = "placement"  # train reply in simulation: ConfigRecord {RAY_NODE: id}
+RAY_NODE = "ray-node-id"
+
+# Keys of an instruction's ConfigRecord.
+EXPERIMENT = "experiment"  # the resolved experiment config, TOML
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+FULL_MODEL = "full-model"  # reply with the full model (analysis rounds, lmc collection rounds)
+LMC_MEASURE = "lmc-measure"  # measure the cost of sharing each block (lmc decision rounds)
+STATE_DIR = "state-dir"  # where the client keeps personal layers (simulation: the run's clients/ folder)
+
+# Keys of a reply's MetricRecord.
+NUM_EXAMPLES = "num-examples"  # the aggregation weight (Flower's own key)
+PARTITION_ID = "partition-id"
+COST_PREFIX = "lmc."  # "lmc.<block>": the client's cost of sharing that block
+TRAIN_METRICS = ("train_loss", "personalized_acc_before", "personalized_acc_after", "personalized_loss_after")
+EVALUATE_METRICS = ("personalized_acc", "personalized_loss")
+
+# Node config of a SuperNode (``--node-config``); simulation sets partition-id and num-partitions itself.
+NODE_PARTITION_ID = PARTITION_ID
+NODE_PARTITIONS = "num-partitions"
+NODE_DATA_DIR = "data-dir"  # own data in the ImageFolder layout
+NODE_STATE_DIR = STATE_DIR  # a SuperNode's folder for personal layers
+NODE_STATE_DEFAULT = "fedlayer-state"  # its default, relative to the SuperNode's working directory
+
+# Analysis rows: the id of the global model among client ids (barriers.csv, landscape.csv).
+GLOBAL = "global"
+
+_ERROR_PARTITION = re.compile(rf"{PARTITION_ID}=(\d+)")
+
+
+def node_partition_id(node_config: Mapping[str, object]) -> int:
+    """The partition a node trains on, from its node config."""
+    return int(cast(int, node_config[NODE_PARTITION_ID]))
+
+
+def client_error(partition_id: int, err: BaseException) -> str:
+    """The text of a client's error reply: Flower sends only this, so it names the partition."""
+    return f"{PARTITION_ID}={partition_id}: {type(err).__name__}: {err}"
+
+
+def partition_of(reply: Message, known: Mapping[int, int], node_id: int | None = None) -> int | None:
+    """The client's partition id: from its metrics, its error text (:func:`client_error`), or an earlier
+    reply of its node (``known``: node id -> partition id; ``node_id`` default: the reply's source)."""
+    if reply.has_content():
+        for record in reply.content.metric_records.values():
+            if PARTITION_ID in record:
+                return int(cast(float, record[PARTITION_ID]))
+    elif match := _ERROR_PARTITION.search(reply.error.reason or ""):
+        return int(match.group(1))
+    return known.get(reply.metadata.src_node_id if node_id is None else node_id)

@@ -1,0 +1,269 @@
+"""``lmc``, barrier-guided sharing: every part of it on the server side; the client side is
+:mod:`fedlayer.client.lmc` (what a client measures) over :mod:`fedlayer.analysis.sharing` (the maths).
+
+Barrier-guided sharing closes the loop between the analysis and the aggregation. On *decision rounds* every
+sampled client reports, for each block l, what moving l halfway to the server's reference costs it on its
+own data: c_l = L(θ_i with block l at ½(θ_i^l + ref^l)) − L(θ_i) (see
+``fedlayer.analysis.sharing.sharing_costs``). The server aggregates the costs over clients (sample-weighted
+mean, max or a quantile) and shares in the next rounds exactly the blocks whose cost is at most
+``strategy.lmc_threshold`` (or the cheapest ``strategy.lmc_share_fraction`` of them). Blocks matched by
+``strategy.exclude`` are never shared, those matched by ``strategy.lmc_always`` always; a norm block follows
+the block it normalizes (the nearest non-norm block before it in the model).
+
+By default a block that turned personal stays personal (``strategy.lmc_reshare = false``): only shared blocks
+are measured, against the round's global blocks, and decision rounds move no full models. The cost is a
+*local* quantity, and once a block is shared every client's copy is one local epoch from the global one, so
+its cost stays small whether or not sharing it hurts: a rule that re-shares a personal block as soon as its
+cost toward the clients' average falls under the threshold shared classifier blocks again in 3 of 4
+measured runs, twice for good at FedAvg's accuracy (experiments/README.md, ``lmc.toml``). With
+``lmc_reshare = true`` decision rounds measure every block: clients send every block up and the server
+averages the personal ones as their reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedlayer.config import ConfigError, StrategyConfig
+from fedlayer.contract import GLOBAL
+from strategies.mechanism import RoundObserver
+from strategies.sharing import SharingPolicy
+
+if TYPE_CHECKING:  # the policy stays importable without torch (config validation)
+    from flwr.app import ArrayRecord
+    from torch import nn
+
+    from fedlayer.layers import Resolution
+
+_DEFAULT = StrategyConfig()  # the defaults below are the config's, declared once there
+
+
+@dataclass(frozen=True)
+class LmcRule:
+    """How per-client costs become the next shared set.
+
+    Attributes
+    ----------
+    threshold : float
+        A block is shared when its aggregated cost is at most this (loss units, nats).
+    fraction : float
+        When > 0, share instead the ``ceil(fraction x n)`` cheapest deciding blocks (ties: model order).
+    statistic : str
+        ``mean`` (weighted by the clients' ``num-examples``), ``max``, or ``quantile`` (unweighted).
+    quantile : float
+        The quantile in [0, 1] for ``statistic = "quantile"``.
+    """
+
+    threshold: float = _DEFAULT.lmc_threshold
+    fraction: float = _DEFAULT.lmc_share_fraction
+    statistic: str = _DEFAULT.lmc_statistic
+    quantile: float = _DEFAULT.lmc_quantile
+
+    def aggregate(self, costs: Sequence[float], weights: Sequence[float]) -> float:
+        """One block's costs over clients -> one number."""
+        values = np.asarray(costs, dtype=float)
+        if self.statistic == "max":
+            return float(values.max())
+        if self.statistic == "quantile":
+            return float(np.quantile(values, self.quantile))
+        return float(np.average(values, weights=np.asarray(weights, dtype=float)))
+
+    def choose(self, costs: Mapping[str, float], out_of: int | None = None) -> set[str]:
+        """The blocks of ``costs`` (block -> aggregated cost, model order) that are shared; a fraction is
+        of ``out_of`` blocks (default: those in ``costs``)."""
+        if self.fraction > 0:
+            ranked = sorted(costs, key=lambda block: (costs[block], list(costs).index(block)))
+            return set(ranked[: math.ceil(self.fraction * (out_of or len(ranked)))])
+        return {block for block, cost in costs.items() if cost <= self.threshold}
+
+
+@dataclass
+class LmcPolicy(SharingPolicy):
+    """Barrier-guided sharing: costs measured in decision rounds set the shared set of the next rounds.
+
+    Parameters
+    ----------
+    rule : LmcRule
+        Threshold or fraction, and the statistic over clients.
+    every : int
+        Rounds every, 2·every, ... are decision rounds (every round when 1).
+    always, never : set[str]
+        Blocks always shared (``strategy.lmc_always``) / never shared (``strategy.exclude``).
+    reshare : bool
+        Whether a personal block can be shared again (``strategy.lmc_reshare``; see the module docstring).
+    norm : set[str]
+        Norm blocks: they follow the block they normalize instead of deciding by their own cost.
+
+    Attributes
+    ----------
+    history : dict[int, list[str]]
+        Round -> the blocks shared in it (filled as rounds are configured).
+    costs : dict[int, dict[str, float]]
+        Decision round -> aggregated cost per block.
+    """
+
+    rule: LmcRule = field(default_factory=LmcRule)
+    every: int = _DEFAULT.lmc_every
+    source: str = _DEFAULT.lmc_source  # clients: costs in the train replies; server: the hook's barriers
+    always: set[str] = field(default_factory=set)
+    never: set[str] = field(default_factory=set)
+    reshare: bool = _DEFAULT.lmc_reshare
+    norm: set[str] = field(default_factory=set)
+    history: dict[int, list[str]] = field(default_factory=dict)
+    costs: dict[int, dict[str, float]] = field(default_factory=dict)
+    referenced: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.shared = self._constrained(set(self.shared))
+        # A block personal from the start has no server value for clients to measure against until a
+        # decision round has averaged it: it stays personal until then. Pairwise barriers (server) need none.
+        self.referenced = set(self.shared) if self.source == "clients" else set(self.blocks)
+
+    @property
+    def dynamic(self) -> bool:
+        return True
+
+    def measures(self, server_round: int) -> bool:
+        return server_round % self.every == 0
+
+    def clients_measure(self, server_round: int) -> bool:
+        return self.source == "clients" and self.measures(server_round)
+
+    def collects(self, server_round: int) -> bool:
+        return self.reshare and self.measures(server_round)
+
+    def owner(self, block: str) -> str:
+        """The block a norm block follows: the nearest non-norm block before it (itself if none)."""
+        names = list(self.blocks)
+        before = [name for name in names[: names.index(block)] if name not in self.norm]
+        return before[-1] if block in self.norm and before else block
+
+    def deciding(self) -> list[str]:
+        """Blocks decided by their own cost (not norm followers, not fixed by always / never)."""
+        fixed = self.always | self.never
+        return [block for block in self.blocks if self.owner(block) == block and block not in fixed]
+
+    def decide(
+        self, server_round: int, client_costs: Sequence[Mapping[str, float]], weights: Sequence[float]
+    ) -> None:
+        """Aggregate the clients' costs of ``server_round`` and set the shared set of the next rounds.
+
+        Only shared blocks decide unless ``reshare``; blocks without a reference yet keep their current
+        state; with a cost missing for any client the set stays as it is."""
+        candidates = self.referenced if self.reshare else {self.owner(block) for block in self.shared}
+        everyone = self.deciding()
+        deciding = [block for block in everyone if block in candidates]
+        costs = {
+            block: self.rule.aggregate([c[block] for c in client_costs], weights)
+            for block in deciding
+            if all(block in c for c in client_costs)
+        }
+        self.costs[server_round] = costs
+        if len(costs) == len(deciding) and client_costs:
+            chosen = self.rule.choose(costs, out_of=len(everyone))  # the others turn or stay personal
+            self.shared = self._constrained(chosen)
+        if self.reshare:
+            self.referenced = set(self.blocks)  # this decision round averaged every block
+
+    def _constrained(self, chosen: set[str]) -> list[str]:
+        """``chosen`` plus always, minus never; norm blocks follow their owner; in model order."""
+        decided = (chosen | self.always) - self.never
+        return [
+            block
+            for block in self.blocks
+            if block not in self.never and (block in self.always or self.owner(block) in decided)
+        ]
+
+    def record(self, server_round: int) -> None:
+        self.history[server_round] = self.shared_blocks()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "shared": list(self.shared),
+            "history": dict(self.history),
+            "costs": dict(self.costs),
+            "referenced": sorted(self.referenced),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.shared = list(state["shared"])
+        self.referenced = set(state["referenced"])
+        self.history = {int(k): list(v) for k, v in state["history"].items()}
+        self.costs = {int(k): dict(v) for k, v in state["costs"].items()}
+
+
+def lmc_policy(strategy: StrategyConfig, model: nn.Module, layers: Resolution) -> LmcPolicy:
+    """The policy of ``strategy`` over ``model``'s blocks, starting from the resolved shared set."""
+    from fedlayer.models import model_groups
+
+    never = _blocks(strategy.exclude, model, "strategy.exclude")
+    always = _blocks(strategy.lmc_always, model, "strategy.lmc_always")
+    if both := sorted(never & always):
+        raise ConfigError(f"strategy.lmc_always: {', '.join(both)} also excluded by strategy.exclude")
+    rule = LmcRule(
+        strategy.lmc_threshold, strategy.lmc_share_fraction, strategy.lmc_statistic, strategy.lmc_quantile
+    )
+    return LmcPolicy(
+        layers.blocks,
+        layers.shared_blocks,
+        rule=rule,
+        every=strategy.lmc_every,
+        source=strategy.lmc_source,
+        always=always,
+        never=never,
+        reshare=strategy.lmc_reshare,
+        norm=set(model_groups(model)["norm"]),
+    )
+
+
+def _blocks(patterns: list[str], model: nn.Module, field: str) -> set[str]:
+    from fedlayer.layers import Selector, resolve
+
+    if not patterns:
+        return set()
+    return set(resolve(Selector(include=patterns), model, field=field).shared_blocks)
+
+
+class SharingLog(RoundObserver):
+    """Hands ``write`` (the run's ``layers_by_round.json``) every round's shared blocks and, in decision
+    rounds, the measured costs."""
+
+    def __init__(self, policy: LmcPolicy, write: Callable[[dict[str, Any]], None]) -> None:
+        self.policy, self.write = policy, write
+
+    def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
+        rounds = {
+            r: {"shared": shared, "costs": self.policy.costs.get(r, {})}
+            for r, shared in sorted(self.policy.history.items())
+        }
+        self.write({"blocks": list(self.policy.blocks), "rounds": rounds})
+
+
+class ServerCosts(RoundObserver):
+    """``lmc_source = "server"``: a decision from the analysis hook's layer barriers of the round
+    (``rows_of(round)`` waits for them), as the mean over pairs and both bases of the midpoint barrier B_l."""
+
+    def __init__(self, rows_of: Callable[[int], list[dict[str, Any]]], policy: LmcPolicy) -> None:
+        self.rows_of, self.policy = rows_of, policy
+
+    def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
+        if not self.policy.measures(server_round):
+            return
+        rows = [
+            r
+            for r in self.rows_of(server_round)
+            if r["kind"] == "layer"
+            and float(r["alpha"]) == 0.5
+            and GLOBAL not in (r["client_a"], r["client_b"])
+        ]
+        by_block: dict[str, list[float]] = {}
+        for row in rows:
+            by_block.setdefault(row["block"], []).append(float(row["barrier"]))
+        costs = {block: sum(values) / len(values) for block, values in by_block.items()}
+        self.policy.decide(server_round, [costs] if costs else [], [1.0] if costs else [])
