@@ -30,7 +30,8 @@ TIMINGS = {"round_seconds"}  # wall-clock: never identical
 SMALL_LMC = [
     "federation.rounds=6",
     "strategy.lmc_every=2",
-    "data.max_samples=4000",
+    "data.max_samples=6000",
+    "data.min_partition_size=10",
     "strategy.name='lmc'",
     "strategy.lmc_threshold=0.05",
 ]

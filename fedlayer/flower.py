@@ -13,6 +13,9 @@ it needs more, it reaches into Flower here and nowhere else:
 - :data:`STRATEGY_STATE`: the attributes in which Flower's server-side optimizers (FedAvgM, FedAdam,
   FedYogi, FedAdagrad) keep their state between rounds, checkpointed so a resume continues them exactly.
 - :func:`deliver_to_waiting_nodes`: a replacement for the engine's message-delivery loop.
+- Names Flower does not promise: its logger (:data:`LOGGER`; fedlayer's log lines join it), the process title
+  of its client actors (:data:`CLIENT_ACTOR`, stopped on Ctrl-C) and the prefix of its deprecation banner
+  (:data:`DEPRECATION_BANNER`, kept off the console).
 
 The delivery loop: flwr 1.42's engine hands instructions to its client workers from a thread that, every
 0.1 s, asks the in-memory LinkState for the next message of *every* registered node
@@ -42,6 +45,9 @@ from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkStat
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
+LOGGER = "flwr"  # Flower's logger; fedlayer logs through it (flwr.common.logger.log), flower.log collects it
+CLIENT_ACTOR = "ray::ClientAppActor"  # process title of Flower's client actors (Ray: "ray::<class>")
+DEPRECATION_BANNER = "DEPRECATED FEATURE"  # how Flower's deprecation warnings start
 # Server-side optimizer state of Flower's strategies (FedAvgM, FedOpt family); absent attributes are skipped.
 STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
 

@@ -48,8 +48,6 @@ from fedlayer.server.observers import RoundCallback
 # (RssShmem, bench/memory.py). Bigger messages (e.g. ResNet-18 models) still use the store.
 INLINE_MESSAGES = {"max_direct_call_object_size": 16 * 2**20, "task_rpc_inlined_bytes_limit": 16 * 2**20}
 
-CLIENT_ACTOR = "ray::ClientAppActor"  # process title of Flower's client actors (Ray: "ray::<class>")
-
 
 class Interrupted(Exception):
     """The run was stopped by a signal (Ctrl-C); its last complete round is checkpointed."""
@@ -122,7 +120,7 @@ def backend_config(cfg: Config) -> dict[str, object]:
     return {"client_resources": {"num_cpus": f.client_cpus, "num_gpus": f.client_gpus}, "init_args": init}
 
 
-# ClientApps that moved: a run directory written before the move still resumes (its resolved config names them).
+# ClientApps that moved: a run directory written before the move still resumes (its config names them).
 MOVED_CLIENT_APPS = {"fedlayer.client_app:app": "fedlayer.client.app:app"}
 
 
@@ -208,7 +206,7 @@ class RaySession:
 
     def stop_clients(self) -> None:
         """Stop the client actors' processes (Flower's actor class): their running jobs end at once."""
-        actors = processes.named(self.record.alive(), CLIENT_ACTOR)
+        actors = processes.named(self.record.alive(), flower.CLIENT_ACTOR)
         log(logging.INFO, "fedlayer: stopping %d client actors", len(actors))
         processes.terminate_all(actors, grace=2.0)
 
@@ -329,12 +327,14 @@ class _ConsoleFilter(logging.Filter):
         self.stop = stop
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.stop.is_set() or str(record.msg).startswith("DEPRECATED FEATURE"))
+        return not (self.stop.is_set() or str(record.msg).startswith(flower.DEPRECATION_BANNER))
 
 
 @contextmanager
 def _console_quiet(stop: StopRequest) -> Iterator[None]:
-    handlers = [h for h in logging.getLogger("flwr").handlers if not isinstance(h, logging.FileHandler)]
+    handlers = [
+        h for h in logging.getLogger(flower.LOGGER).handlers if not isinstance(h, logging.FileHandler)
+    ]
     quiet, levels = _ConsoleFilter(stop), [h.level for h in handlers]
     for handler in handlers:
         handler.addFilter(quiet)

@@ -18,6 +18,7 @@ from typing import IO, Any
 import tomli_w
 
 from fedlayer.processes import terminate
+from fedlayer.run.files import FLOWER_LOG
 
 CONNECTION = "fedlayer"  # the [superlink.<name>] entry written into the isolated FLWR_HOME
 COMPLETED = "finished:completed"
@@ -219,7 +220,7 @@ class FlwrControl:
 
     def _start_stream(self, run_id: int, echo: IO[str] | None) -> subprocess.Popen[bytes]:
         command = [executable("flwr"), "log", str(run_id), CONNECTION, "--stream"]
-        log = open(self.workdir / "flower.log", "ab")  # noqa: SIM115 -- closed in close()
+        log = open(self.workdir / FLOWER_LOG, "ab")  # noqa: SIM115 -- closed in close()
         self._logs.append(log)
         if echo is None:
             return subprocess.Popen(

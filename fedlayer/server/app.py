@@ -202,7 +202,7 @@ def app_path(config: str) -> Path:
 
 def log_flower_to(run: RunDir) -> None:
     """Flower's INFO log (and fedlayer's, which uses Flower's logger) also goes to ``RUN_DIR/flower.log``."""
-    logger = logging.getLogger("flwr")
+    logger = logging.getLogger(flower.LOGGER)
     for handler in list(logger.handlers):
         if isinstance(handler, logging.FileHandler):
             logger.removeHandler(handler)  # a previous run's file, in this process

@@ -26,13 +26,14 @@ from fedlayer.analysis.evaluate import Evaluator
 from fedlayer.analysis.landscape import LandscapeRow, landscape
 from fedlayer.config import AnalysisConfig, Config
 from fedlayer.contract import GLOBAL
+from fedlayer.flower import LOGGER
 from fedlayer.run.files import ANALYSIS_ERRORS, BARRIERS, LANDSCAPE
 
 State = dict[str, torch.Tensor]
 PAIR_COLUMNS = ["round", "client_a", "client_b"]
 BARRIER_COLUMNS = PAIR_COLUMNS + [f.name for f in dataclasses.fields(BarrierRow)]
 LANDSCAPE_COLUMNS = PAIR_COLUMNS + [f.name for f in dataclasses.fields(LandscapeRow)]
-log = logging.getLogger("flwr")
+log = logging.getLogger(LOGGER)
 
 
 def is_analysis_round(cfg: AnalysisConfig, server_round: int) -> bool:
