@@ -13,6 +13,8 @@ it needs more, it reaches into Flower here and nowhere else:
 - :data:`STRATEGY_STATE`: the attributes in which Flower's server-side optimizers (FedAvgM, FedAdam,
   FedYogi, FedAdagrad) keep their state between rounds, checkpointed so a resume continues them exactly.
 - :func:`deliver_to_waiting_nodes`: a replacement for the engine's message-delivery loop.
+- :class:`OneLineErrors`: the ServerApp runner logs an exception that ends the ServerApp with its traceback
+  (``log(ERROR, ..., exc_info=ex)``); for a user's mistake (a config error) one line says all.
 - Names Flower does not promise: its logger (:data:`LOGGER`; fedlayer's log lines join it), the process title
   of its client actors (:data:`CLIENT_ACTOR`, stopped on Ctrl-C) and the prefix of its deprecation banner
   (:data:`DEPRECATION_BANNER`, kept off the console).
@@ -30,6 +32,7 @@ Flower's engine in a process of its own and keeps Flower's loop.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -123,3 +126,25 @@ def simulated_partitions(grid: Grid, clients: int, timeout: float = 60.0) -> dic
     while len(nodes := state.get_node_info()) < clients and time.monotonic() < deadline:
         time.sleep(0.1)
     return {node.node_id: pid for pid, node in enumerate(nodes)}
+
+
+def one_line_errors(*kinds: type[BaseException]) -> None:
+    """Exceptions of ``kinds`` that end the ServerApp are logged as one line (see :class:`OneLineErrors`)."""
+    logger = logging.getLogger(LOGGER)
+    if not any(isinstance(f, OneLineErrors) and f.kinds == kinds for f in logger.filters):
+        logger.addFilter(OneLineErrors(*kinds))
+
+
+class OneLineErrors(logging.Filter):
+    """On Flower's logger: a record logging an exception of ``kinds`` loses its traceback and says the
+    exception's one line instead (the run still fails; ``flwr ls`` shows it failed)."""
+
+    def __init__(self, *kinds: type[BaseException]) -> None:
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, self.kinds):
+            record.msg, record.args, record.exc_info = "fedlayer: %s", (error,), None
+        return True

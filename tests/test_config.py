@@ -366,3 +366,31 @@ def test_data_cache_is_keyed_on_what_determines_the_data(tiny_fmnist: Path) -> N
     data = federated_data(load_config(DEFAULT, base))
     assert federated_data(load_config(DEFAULT, [*base, "train.lr=0.5", "analysis.every=1"])) is data
     assert federated_data(load_config(DEFAULT, [*base, "seed=1"])) is not data
+
+
+@pytest.mark.parametrize(
+    ("text", "items"),
+    [
+        ("", []),
+        ("federation.rounds=2;train.lr=0.01", ["federation.rounds=2", "train.lr=0.01"]),
+        ("federation.rounds=2 federation.clients=4", ["federation.rounds=2", "federation.clients=4"]),
+        ("a.b=1;\n c.d = 2 ;", ["a.b=1", "c.d = 2"]),
+        ("strategy.shared=['conv1', 'fc2'] seed=1", ["strategy.shared=['conv1', 'fc2'] seed=1"]),
+        ("data.root='/my data/x' train.lr=1", ["data.root='/my data/x'", "train.lr=1"]),
+    ],
+)
+def test_run_config_overrides_split_on_semicolons_and_before_the_next_key(
+    text: str, items: list[str]
+) -> None:
+    from fedlayer.server.app import run_config_overrides
+
+    assert run_config_overrides(text) == items
+
+
+def test_a_run_config_override_without_a_value_names_the_separator() -> None:
+    from fedlayer.server.app import run_config_overrides
+
+    with pytest.raises(
+        ConfigError, match=r"overrides: 'rounds' is not section.key=value; separate overrides with ';'"
+    ):
+        run_config_overrides("federation.clients=4;rounds")

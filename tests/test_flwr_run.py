@@ -62,13 +62,18 @@ def test_flwr_run_as_the_readme_says(tiny_fmnist: Path, tmp_path: Path) -> None:
     assert "flwr run . --stream" in commands
     experiment = tmp_path / "tiny.toml"
     overrides = [f"data.root='{tiny_fmnist}'", "data.min_partition_size=5", "federation.clients=3"]
-    overrides += ["federation.rounds=2", "train.batch_size=16", "strategy.name='fedper'"]
+    overrides += ["strategy.name='fedper'"]
     experiment.write_text(to_toml(load_config(ROOT / "experiments" / "default.toml", overrides)))
     out = tmp_path / "out"
-    # The README's commands with this checkout's venv, the tiny experiment and 3 SuperNodes.
+    # The README's commands with this checkout's venv, the tiny experiment and 3 SuperNodes; two overrides
+    # separated by a space (';' is the documented separator; the obvious alternative works too).
     script = commands.replace(".venv/", f"{VENV}/")
-    script = re.sub(r'--run-config "[^"]*"', f"--run-config \"config='{experiment}' out='{out}'\"", script)
+    run_config = f"config='{experiment}' overrides='federation.rounds=2 train.batch_size=16' out='{out}'"
+    script = re.sub(r'--run-config "[^"]*"', f'--run-config "{run_config}"', script)
     script = re.sub(r"num-supernodes=\d+", "num-supernodes=3", script)
+    # Then a run with a bad override, on the SuperLink the first one left running: one line, no traceback.
+    bad = f"config='{experiment}' overrides='federation.rounds=2;train.lr=oops' out='{tmp_path / 'bad'}'"
+    script += "\n" + re.sub(r'--run-config "[^"]*"', f'--run-config "{bad}"', script.splitlines()[-1])
     http_port, control_port = free_port(), free_port()
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",  # no venv: the README's activation must provide it
@@ -86,6 +91,9 @@ def test_flwr_run_as_the_readme_says(tiny_fmnist: Path, tmp_path: Path) -> None:
     finally:
         stop_superlink(control_port)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = proc.stdout + proc.stderr
+    assert "fedlayer: train.lr: expected float, got 'oops'" in printed, printed[-3000:]
+    assert "Traceback" not in printed, printed[-3000:]
     assert (out / "summary.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert "Starting" in (out / "flower.log").read_text()  # Flower's log of the run

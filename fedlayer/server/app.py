@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -214,6 +215,24 @@ def log_flower_to(run: RunDir) -> None:
     logger.setLevel(logging.INFO)
 
 
+# Whitespace before the next `section.key=` separates overrides too (the obvious way to write several).
+_NEXT_OVERRIDE = re.compile(r"\s+(?=[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+\s*=)")
+
+
+def run_config_overrides(text: str) -> list[str]:
+    """The run config's ``overrides``: ``section.key=value`` items separated by ``;`` (or new lines, or
+    whitespace before the next ``section.key=``)."""
+    chunks = [chunk.strip() for chunk in re.split(r"[;\n]", text)]
+    items = [item for chunk in chunks if chunk for item in _NEXT_OVERRIDE.split(chunk)]
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(
+                f"overrides: {item!r} is not section.key=value; separate overrides with ';', "
+                "e.g. overrides='federation.rounds=2;train.lr=0.01'"
+            )
+    return items
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: the experiment file and overrides come from the run config.
@@ -222,8 +241,9 @@ def main(grid: Grid, context: Context) -> None:
     system, so they keep their personal layers in the run directory as ``fedlayer run`` does; on the
     Deployment Engine personal layers stay on the SuperNodes.
     """
+    flower.one_line_errors(ConfigError)
     rc = context.run_config
-    overrides = [item for item in str(rc.get("overrides", "")).split(";") if item.strip()]
+    overrides = run_config_overrides(str(rc.get("overrides", "")))
     cfg = load_config(app_path(str(rc.get("config", "experiments/default.toml"))), overrides)
     out = str(rc.get("out", "")) or f"runs/flwr-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunDir.create(Path(out))
