@@ -57,6 +57,7 @@ LMC_STATISTICS: tuple[str, ...] = typing.get_args(LmcStatistic)
 ORDERS: tuple[str, ...] = typing.get_args(Order)
 BN_MODES: tuple[str, ...] = typing.get_args(BnMode)
 
+DEFAULT_EXPERIMENT = "experiments/default.toml"  # `make run`, `fedlayer run` without CONFIG, `flwr run .`
 DEFAULT_MIN_CLIENTS = 2  # Flower's default min_train_nodes
 DEFAULT_PAIR_CLIENTS = 4  # clients analysed per round unless analysis.max_clients says otherwise
 

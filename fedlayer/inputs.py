@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from fedlayer.config import Config, ConfigError, check_gpus, load_config
+from fedlayer.config import DEFAULT_EXPERIMENT, Config, ConfigError, check_gpus, load_config
 
 EXIT_BAD_INPUT = 2
-DEFAULT_CONFIG = "experiments/default.toml"
+DEFAULT_CONFIG = DEFAULT_EXPERIMENT
 
 
 class Parser(argparse.ArgumentParser):

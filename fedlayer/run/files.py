@@ -31,6 +31,8 @@ ANALYSIS_ERRORS = "analysis_errors.log"
 # Figures and tables of one run.
 ACCURACY_PLOT = "accuracy.png"
 SHARED_BLOCKS_PLOT = "shared_blocks.png"
+BARRIER_HEATMAP, BARRIER_FULL = "barrier_heatmap.png", "barrier_full.png"
+BARRIER_CUMULATIVE, BARRIER_PREDICTED = "barrier_cumulative.png", "barrier_predicted.png"
 PREDICTION_CSV, PREDICTION = "prediction.csv", "prediction.md"
 
 # A compare directory.

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedlayer.contract import GLOBAL
+from fedlayer.run import files
 from fedlayer.run.files import LAYERS_BY_ROUND, SHARED_BLOCKS_PLOT
 from fedlayer.run.readers import midpoint, read_barriers, read_json, read_landscape
 
@@ -244,10 +245,10 @@ def plot_analysis(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     barriers = read_barriers(run_dir)
     figures = {
-        "barrier_heatmap.png": run_heatmap_figure(barriers, run_dir.name),
-        "barrier_full.png": full_figure(barriers),
-        "barrier_cumulative.png": cumulative_figure(barriers),
-        "barrier_predicted.png": predicted_figure(read_landscape(run_dir)),
+        files.BARRIER_HEATMAP: run_heatmap_figure(barriers, run_dir.name),
+        files.BARRIER_FULL: full_figure(barriers),
+        files.BARRIER_CUMULATIVE: cumulative_figure(barriers),
+        files.BARRIER_PREDICTED: predicted_figure(read_landscape(run_dir)),
         SHARED_BLOCKS_PLOT: shared_blocks_figure(read_json(run_dir / LAYERS_BY_ROUND)),
     }
     return [save(fig, run_dir / name) for name, fig in figures.items() if fig is not None]

@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedlayer import flower
-from fedlayer.config import NORMS, Config, ConfigError, check_gpus, load_config, to_toml
+from fedlayer.config import DEFAULT_EXPERIMENT, NORMS, Config, ConfigError, check_gpus, load_config, to_toml
 from fedlayer.contract import EXPERIMENT, STATE_DIR
 from fedlayer.experiment import FederatedData, federated_data, initial_model
 from fedlayer.layers import Resolution, Selector, SelectorError, resolve
@@ -244,7 +244,7 @@ def main(grid: Grid, context: Context) -> None:
     flower.one_line_errors(ConfigError)
     rc = context.run_config
     overrides = run_config_overrides(str(rc.get("overrides", "")))
-    cfg = load_config(app_path(str(rc.get("config", "experiments/default.toml"))), overrides)
+    cfg = load_config(app_path(str(rc.get("config", DEFAULT_EXPERIMENT))), overrides)
     out = str(rc.get("out", "")) or f"runs/flwr-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunDir.create(Path(out))
     log_flower_to(run)
