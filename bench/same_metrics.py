@@ -1,7 +1,8 @@
 """Same results before and after a change that must not change behaviour (a refactor, a re-housing).
 
 Runs four scenarios with the fedlayer source tree of each side (``PYTHONPATH=TREE``, the same venv), then
-compares every row of their ``metrics.jsonl`` (and ``barriers.csv`` where written) except timings:
+compares every row of their ``metrics.jsonl`` (and ``barriers.csv``, ``layers_by_round.json`` where written)
+except timings and Ray node ids:
 
 - ``default``: the default experiment as ``make run`` runs it (``experiments/default.toml``);
 - ``fedper``: the default experiment with ``strategy.name = fedper``, 3 rounds, the analysis hook every round;
@@ -26,7 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TIMINGS = {"round_seconds"}  # wall-clock: never identical
+VOLATILE = {
+    "round_seconds",
+    "client_nodes",
+}  # wall-clock, and the Ray node ids of the session: never identical
 SMALL_LMC = [
     "federation.rounds=6",
     "strategy.lmc_every=2",
@@ -66,7 +70,7 @@ def run_side(tree: Path, out: Path, rerun: bool) -> None:
 
 def rows(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    found = {"metrics.jsonl": [{k: v for k, v in row.items() if k not in TIMINGS} for row in metrics]}
+    found = {"metrics.jsonl": [{k: v for k, v in row.items() if k not in VOLATILE} for row in metrics]}
     for name in ("barriers.csv", "layers_by_round.json"):
         path = run_dir / name
         if path.exists() and name.endswith(".csv"):
@@ -86,9 +90,14 @@ def compare(before: Path, after: Path) -> list[str]:
             if len(a[file]) != len(b[file]):
                 problems.append(f"{name}/{file}: {len(a[file])} rows != {len(b[file])}")
             diffs = [i for i, (x, y) in enumerate(zip(a[file], b[file], strict=False)) if x != y]
-            problems += [f"{name}/{file} row {i}: {a[file][i]} != {b[file][i]}" for i in diffs[:3]]
+            problems += [f"{name}/{file} row {i}: {_differing(a[file][i], b[file][i])}" for i in diffs[:3]]
         print(f"{name}: {sum(len(v) for v in a.values())} rows compared", flush=True)
     return problems
+
+
+def _differing(x: dict[str, Any], y: dict[str, Any]) -> str:
+    keys = sorted(k for k in x.keys() | y.keys() if x.get(k) != y.get(k))
+    return ", ".join(f"{k}: {x.get(k)!r} != {y.get(k)!r}" for k in keys)
 
 
 def main() -> int:
