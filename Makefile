@@ -34,7 +34,7 @@ run: data
 
 # Everything that needs no Docker daemon and no GPU: unit tests and real Flower simulations.
 test: data
-	$(PY) -m pytest -m "not docker and not gpu" -q
+	$(PY) -m pytest -m "not docker and not gpu" -q --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q
