@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 Dataset = Literal["fashion_mnist", "mnist", "cifar10", "cifar100"]
 Partitioner = Literal["iid", "dirichlet", "pathological", "shard", "quantity"]
+ClassAssignment = Literal["cyclic", "grouped"]
 Pool = Literal["train", "train+test"]
 Normalization = Literal["dataset", "half"]
 LabelShift = Literal["none", "permute"]
@@ -133,6 +134,13 @@ class DataConfig:
         False, "dirichlet: stop giving a class to clients above N/clients samples (PFLlib)"
     )
     classes_per_client: int = setting(2, "pathological: classes per client", AT_LEAST_1)
+    class_assignment: ClassAssignment = setting(
+        "cyclic",
+        "pathological: cyclic: client i gets classes i .. i+k-1 (mod C), each class split evenly among its "
+        "clients (flwr-datasets); grouped: PFLlib's 'pat': each class in turn goes to the next "
+        "clients x k / C clients still short of k classes (clients 0-3 share classes 0, 1 for 20 x 2 of 10), "
+        "split in random sizes as PFLlib's unbalanced setting draws them",
+    )
     shards_per_client: int = setting(2, "shard: label-sorted shards per client", AT_LEAST_1)
     test_fraction: float = setting(
         0.2, "share of each client's partition held out as its local test split", Range(0, 1, True, True)

@@ -254,3 +254,37 @@ def test_many_clients_get_a_summary_plot_and_the_empty_ones_are_listed(
     assert report["empty_partitions"] == empty_partitions(splits) != []
     png = (tmp_path / "partition.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_grouped_pathological_is_pfllibs_pat_partition() -> None:
+    """20 clients x 2 classes of 10: clients 4g .. 4g+3 share classes 2g, 2g+1 (PFLlib's 'pat'); every sample
+    is used once; sizes are PFLlib's unbalanced draw (each of the first 3 clients of a class gets at least a
+    tenth of an even share and less than an even share, 50), seeded."""
+    labels = np.arange(2000) % 10  # 200 per class
+    parts = partition_module.grouped_pathological(labels, 2, 20, seed=0)
+    for client, part in enumerate(parts):
+        group = client // 4
+        assert set(labels[part]) == {2 * group, 2 * group + 1}, client
+    assert sorted(np.concatenate(parts)) == list(range(2000))
+    for c in range(10):
+        sizes = [int((labels[p] == c).sum()) for p in parts if (labels[p] == c).any()]
+        assert len(sizes) == 4 and all(5 <= s < 50 for s in sizes[:3]) and sum(sizes) == 200
+    assert len({len(p) for p in parts}) > 1  # unbalanced
+    again = partition_module.grouped_pathological(labels, 2, 20, seed=0)
+    other = partition_module.grouped_pathological(labels, 2, 20, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def test_grouped_pathological_through_the_config_and_its_infeasible_request() -> None:
+    splits = make_client_splits(
+        LABELS,
+        DataConfig(partitioner="pathological", class_assignment="grouped", min_partition_size=0),
+        10,
+        0,
+    )
+    assert [sorted(set(LABELS[p])) for p in partitions(splits)] == [
+        [c // 2 * 2, c // 2 * 2 + 1] for c in range(10)
+    ]
+    with pytest.raises(DataError, match=r"data.classes_per_client: .* 7 x 2 is not a multiple of 10"):
+        make_client_splits(LABELS, DataConfig(partitioner="pathological", class_assignment="grouped"), 7, 0)

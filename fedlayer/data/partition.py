@@ -107,6 +107,13 @@ def _precheck(labels: np.ndarray, cfg: DataConfig, num_clients: int) -> None:
         raise DataError(
             f"data.classes_per_client: {cfg.classes_per_client} > {present} classes in the training data"
         )
+    grouped = cfg.partitioner == "pathological" and cfg.class_assignment == "grouped"
+    if grouped and (num_clients * cfg.classes_per_client) % present:
+        raise DataError(
+            f"data.classes_per_client: class_assignment = 'grouped' gives each of the {present} classes to "
+            f"clients x classes_per_client / {present} clients; {num_clients} x {cfg.classes_per_client} is "
+            f"not a multiple of {present}"
+        )
     shards = num_clients * cfg.shards_per_client
     if cfg.partitioner == "shard" and shards > n:
         raise DataError(
@@ -155,7 +162,32 @@ def _quantity_sizes(n: int, cfg: DataConfig, num_clients: int, seed: int) -> lis
     return [int(s) for s in floor + extra]  # SizePartitioner wants Python ints
 
 
+def grouped_pathological(
+    labels: np.ndarray, classes_per_client: int, num_clients: int, seed: int
+) -> list[np.ndarray]:
+    """PFLlib's 'pat' partition (``dataset_utils.separate_data``, unbalanced): class c, in label order, goes
+    to the first clients x k / C clients still short of k classes; its samples are split among them in sizes
+    drawn uniformly from [n_per / 10, n_per) for all but the last, which gets the rest (n_per: the class's
+    samples / its clients). Sample indices per client, class by class."""
+    rng = np.random.default_rng([seed, 0x9A7])
+    classes = np.unique(labels)
+    per_class = num_clients * classes_per_client // len(classes)
+    short = [classes_per_client] * num_clients
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in classes:
+        chosen = [client for client in range(num_clients) if short[client] > 0][:per_class]
+        samples = rng.permutation(np.flatnonzero(labels == c))
+        per = len(samples) / len(chosen)
+        sizes = rng.integers(int(max(per / 10, 1)), max(int(per), 2), len(chosen) - 1)
+        for client, chunk in zip(chosen, np.split(samples, np.cumsum(sizes)), strict=True):
+            parts[client].append(chunk)
+            short[client] -= 1
+    return [np.concatenate(p) for p in parts]
+
+
 def _partition(labels: np.ndarray, cfg: DataConfig, num_clients: int, seed: int) -> list[np.ndarray]:
+    if cfg.partitioner == "pathological" and cfg.class_assignment == "grouped":
+        return grouped_pathological(labels, cfg.classes_per_client, num_clients, seed)
     # Rows are shuffled first: IID and SizePartitioner take contiguous ranges of the dataset.
     order = np.random.default_rng(seed).permutation(len(labels))
     if cfg.partitioner == "iid":
