@@ -28,7 +28,18 @@ Device = Literal["auto", "cpu", "cuda"]
 # Registries that import torch/flwr (strategies.ALGORITHMS, strategies.AGGREGATORS, models.MODEL_CLASSES)
 # are checked against these in tests, so validating a config needs neither.
 AlgorithmName = Literal[
-    "fedavg", "fedprox", "fedper", "lgfedavg", "fedbn", "fedrep", "fedbabu", "local", "partial", "lmc"
+    "fedavg",
+    "fedprox",
+    "fedper",
+    "lgfedavg",
+    "fedbn",
+    "fedrep",
+    "fedbabu",
+    "ditto",
+    "fedala",
+    "local",
+    "partial",
+    "lmc",
 ]
 AggregatorName = Literal[
     "fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
@@ -235,6 +246,27 @@ class StrategyConfig:
     )
     finetune_epochs: int = setting(
         10, "fedbabu (finetune = final): whole-model epochs after the last round", AT_LEAST_0
+    )
+    ditto_mu: float = setting(
+        0.0,
+        "ditto: weight of the pull of the personal model toward the global one (PFLlib's default mu = 0; "
+        "the paper tunes it, e.g. 0.1-1)",
+        AT_LEAST_0,
+    )
+    ditto_epochs: int = setting(
+        1, "ditto: personal-model epochs per round (PFLlib's plocal_epochs)", AT_LEAST_1
+    )
+    ala_eta: float = setting(1.0, "fedala: learning rate of the mixing weights (PFLlib's eta)", POSITIVE)
+    ala_rand_percent: int = setting(
+        80,
+        "fedala: percent of the local training data the weights learn on (PFLlib's rand_percent)",
+        Range(1, 100),
+    )
+    ala_layer_idx: int = setting(
+        2,
+        "fedala: the last this many parameter tensors are mixed; the others take the global values "
+        "(PFLlib's layer_idx)",
+        AT_LEAST_1,
     )
     lmc_source: LmcSource = setting(
         "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"

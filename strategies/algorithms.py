@@ -23,6 +23,9 @@ class Algorithm:
     ``strategy.aggregator``), ``dynamic`` a shared set that changes during the run (:mod:`strategies.lmc`).
     Client part: ``recipe`` is the function of that name in ``fedlayer/client/recipes.py`` (the local
     training), ``personalization`` the function there that gives the model a client evaluates as its own.
+    ``state`` names the client state the recipe keeps across rounds beside the personal keys (Ditto's
+    personal model, FedALA's mixing weights): tensors ``task.state["<name>.<key>"]``, saved in the client's
+    :class:`fedlayer.client.store.PersonalStore` file under ``state.<name>.<key>``; never sent.
     """
 
     name: str
@@ -33,6 +36,7 @@ class Algorithm:
     personalization: str = "as_is"
     aggregator: str | None = None
     dynamic: bool = False  # the shared set changes during the run (lmc); `shared` is the initial set
+    state: tuple[str, ...] = ()  # client state the recipe keeps across rounds (never sent)
 
     def selector(self, strategy: StrategyConfig) -> Selector:
         from fedlayer.layers import Selector
@@ -75,6 +79,22 @@ ALGORITHMS: dict[str, Algorithm] = {
             "head frozen at init, fine-tuned to evaluate (Oh et al., 2022)",
             recipe="fedbabu",
             personalization="finetune",
+        ),
+        Algorithm(
+            "ditto",
+            _ALL,
+            "FedAvg model + a personal model pulled toward it by mu/2 ||v - w||^2 (Li et al., 2021)",
+            recipe="ditto",
+            personalization="personal_model",
+            state=("personal",),
+        ),
+        Algorithm(
+            "fedala",
+            _ALL,
+            "adaptive local aggregation: learned element-wise mix of global into local (Zhang et al., 2023)",
+            recipe="fedala",
+            personalization="ala_mixed",
+            state=("local", "ala_weights"),
         ),
         Algorithm("local", (), "nothing averaged: independent local training"),
         Algorithm(

@@ -195,6 +195,8 @@ def test_every_algorithm_is_a_short_declaration() -> None:
         "fedbn",
         "fedrep",
         "fedbabu",
+        "ditto",
+        "fedala",
         "local",
         "partial",
         "lmc",

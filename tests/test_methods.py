@@ -1,0 +1,148 @@
+"""The methods beyond a block split (Ditto, FedALA, ...): each update pinned against a hand computation
+from the paper's equations on a tiny model (plain SGD, one full batch, so every step is one formula)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedlayer.client.recipes import RECIPES, LocalTask, ala_weights, personalize
+from fedlayer.client.store import join_state, split_state
+from fedlayer.config import StrategyConfig, TrainConfig
+from strategies import ALGORITHMS
+
+N, D, C = 8, 3, 4  # samples, features, classes
+LR = 0.5
+
+
+def tiny(seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(D, C)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(N, D, generator=gen), torch.randint(0, C, (N,), generator=gen)
+
+
+def task_of(model: nn.Module, state: dict[str, torch.Tensor] | None = None, **strategy: object) -> LocalTask:
+    """One full batch per epoch, no momentum: an epoch is one gradient step."""
+    x, y = data()
+    return LocalTask(
+        model,
+        x,
+        y,
+        TrainConfig(lr=LR, momentum=0.0, batch_size=N),
+        StrategyConfig(**strategy),  # type: ignore[arg-type]
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+        {"weight", "bias"},
+        {"weight", "bias"},
+        dict(state or {}),
+    )
+
+
+def ce_grads(w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇ of the mean cross-entropy of a linear model by hand: (softmax(xWᵀ + b) - onehot(y)) / N."""
+    x, y = data()
+    err = (torch.softmax(x @ w.T + b, dim=1) - nn.functional.one_hot(y, C).float()) / N
+    return err.T @ x, err.sum(0)
+
+
+def test_ditto_personal_step_is_sgd_on_ce_plus_the_proximal_pull() -> None:
+    """v ← v - lr (∇CE(v) + mu (v - w)); then w ← w - lr ∇CE(w) (Li et al., 2021, Alg. 1)."""
+    mu = 0.3
+    w, v = tiny(0), tiny(1)
+    task = task_of(w, {f"personal.{k}": t for k, t in v.state_dict().items()}, ditto_mu=mu)
+    w0 = {k: t.detach().clone() for k, t in w.state_dict().items()}
+    v0 = {k: t.detach().clone() for k, t in v.state_dict().items()}
+    RECIPES["ditto"](task)
+    gw, gb = ce_grads(v0["weight"], v0["bias"])
+    personal = {k[len("personal.") :]: t for k, t in task.state.items()}
+    torch.testing.assert_close(
+        personal["weight"], v0["weight"] - LR * (gw + mu * (v0["weight"] - w0["weight"]))
+    )
+    torch.testing.assert_close(personal["bias"], v0["bias"] - LR * (gb + mu * (v0["bias"] - w0["bias"])))
+    gw, gb = ce_grads(w0["weight"], w0["bias"])
+    torch.testing.assert_close(w.weight.detach(), w0["weight"] - LR * gw)
+    torch.testing.assert_close(w.bias.detach(), w0["bias"] - LR * gb)
+    evaluated = personalize(ALGORITHMS["ditto"], task)
+    torch.testing.assert_close(evaluated.weight.detach(), personal["weight"])
+
+
+def test_ditto_starts_its_personal_model_from_the_received_one() -> None:
+    w = tiny(0)
+    task = task_of(w, ditto_mu=1.0)
+    assert personalize(ALGORITHMS["ditto"], task) is w
+    w0 = w.weight.detach().clone()
+    RECIPES["ditto"](task)
+    gw, _ = ce_grads(w0, tiny(0).bias.detach())
+    torch.testing.assert_close(task.state["personal.weight"], w0 - LR * gw)  # the pull is 0 at v = w
+
+
+def test_fedala_weight_update_and_clipping() -> None:
+    """θ̂ = θ_l + (θ_g - θ_l) ⊙ W; W ← clip(W - η ∇_θ̂ L ⊙ (θ_g - θ_l), 0, 1) (Zhang et al., 2023, eq. 5)."""
+    eta = 20.0  # large enough that some weights clip at 0 and at 1
+    glob, local = tiny(0), tiny(1)
+    task = task_of(glob, ala_eta=eta, ala_rand_percent=100, ala_layer_idx=2)
+    g = {k: t.detach().clone() for k, t in glob.named_parameters()}
+    loc = {k: t.detach().clone() for k, t in local.named_parameters()}
+    w0 = {k: torch.full_like(t, 0.5) for k, t in g.items()}
+    learned = ala_weights(task, loc, w0, until_converged=False)
+    mixed = {k: loc[k] + (g[k] - loc[k]) * w0[k] for k in g}
+    grads = dict(zip(("weight", "bias"), ce_grads(mixed["weight"], mixed["bias"]), strict=True))
+    for k in g:
+        expected = torch.clamp(w0[k] - eta * grads[k] * (g[k] - loc[k]), 0, 1)
+        torch.testing.assert_close(learned[k], expected)
+    flat = torch.cat([t.flatten() for t in learned.values()])
+    assert (flat == 0).any() and (flat == 1).any(), "the test must exercise both clips"
+
+
+def test_fedala_mixes_before_training_and_keeps_its_state() -> None:
+    """Round > 1: the model trains from θ_l + (θ_g - θ_l) ⊙ W with the learned W; the lower tensors
+    (outside ``ala_layer_idx``) stay global. Round 1 skips ALA."""
+    glob, local = tiny(0), tiny(1)
+    g = {k: t.detach().clone() for k, t in glob.named_parameters()}
+    state = {f"local.{k}": t.detach().clone() for k, t in local.named_parameters() if k == "bias"}
+    state |= {"ala_weights.bias": torch.full((C,), 0.5)}
+    task = task_of(glob, state, ala_rand_percent=100, ala_layer_idx=1)  # only the bias is mixed
+    learned = ala_weights(
+        task_of(tiny(0), ala_rand_percent=100),
+        {"bias": state["local.bias"]},
+        {"bias": state["ala_weights.bias"]},
+        until_converged=False,
+    )
+    RECIPES["fedala"](task)
+    start_bias = state["local.bias"] + (g["bias"] - state["local.bias"]) * learned["bias"]
+    gw, gb = ce_grads(g["weight"], start_bias)
+    torch.testing.assert_close(glob.weight.detach(), g["weight"] - LR * gw)
+    torch.testing.assert_close(glob.bias.detach(), start_bias - LR * gb)
+    torch.testing.assert_close(task.state["ala_weights.bias"], learned["bias"])
+    torch.testing.assert_close(task.state["local.bias"], glob.bias.detach())
+    first = task_of(tiny(0), ala_layer_idx=1)
+    RECIPES["fedala"](first)
+    assert set(first.state) == {"local.bias"}, "round one: no weights learned yet"
+
+
+def test_fedala_start_phase_trains_weights_until_the_losses_settle() -> None:
+    glob, local = tiny(0), tiny(1)
+    task = task_of(glob, ala_rand_percent=100)
+    loc = {k: t.detach().clone() for k, t in local.named_parameters()}
+    ones = {k: torch.ones_like(t) for k, t in loc.items()}
+    once = ala_weights(task, loc, ones, until_converged=False)
+    settled = ala_weights(task, loc, ones, until_converged=True)
+    assert any(not torch.equal(once[k], settled[k]) for k in loc), "more than one epoch in the start phase"
+
+
+def test_client_state_is_saved_under_its_own_prefix() -> None:
+    personal, state = {"fc2.weight": torch.ones(2)}, {"personal.conv1.weight": torch.zeros(3)}
+    saved = join_state(personal, state)
+    assert set(saved) == {"fc2.weight", "state.personal.conv1.weight"}
+    back_personal, back_state = split_state(saved)
+    assert set(back_personal) == set(personal) and set(back_state) == set(state)
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedala"])
+def test_stateful_methods_declare_their_state(name: str) -> None:
+    assert ALGORITHMS[name].state
