@@ -37,6 +37,7 @@ AlgorithmName = Literal[
     "fedbabu",
     "ditto",
     "fedala",
+    "fedrod",
     "local",
     "partial",
     "lmc",

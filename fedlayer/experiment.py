@@ -103,10 +103,15 @@ def _label_maps(shift: str, clients: int, classes: int, seed: int) -> np.ndarray
 
 
 def initial_model(cfg: Config, data: TensorData) -> nn.Module:
-    """The common initial model: identical on the server and every client for a given seed."""
+    """The common initial model, with its algorithm's extension: identical on the server and every client for
+    a given seed."""
+    from fedlayer.extensions import extend
+    from strategies.algorithms import get_algorithm  # the declarations import only fedlayer.config
+
     torch.manual_seed(cfg.seed)
     _, channels, size, _ = data.x.shape
-    return build_model(cfg.model.name, data.num_classes, channels, size, cfg.model.norm)
+    model = build_model(cfg.model.name, data.num_classes, channels, size, cfg.model.norm)
+    return extend(model, get_algorithm(cfg.strategy).extension, cfg.strategy)
 
 
 def client_generator(cfg: Config, partition_id: int, server_round: int) -> torch.Generator:

@@ -3,6 +3,8 @@ from the paper's equations on a tiny model (plain SGD, one full batch, so every 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,10 @@ from torch import nn
 from fedlayer.client.recipes import RECIPES, LocalTask, ala_weights, personalize
 from fedlayer.client.store import join_state, split_state
 from fedlayer.config import StrategyConfig, TrainConfig
-from strategies import ALGORITHMS
+from fedlayer.extensions import extend, global_view, head_module
+from fedlayer.layers import resolve
+from fedlayer.models import MODEL_CLASSES, build_model, model_groups
+from strategies import ALGORITHMS, get_algorithm
 
 N, D, C = 8, 3, 4  # samples, features, classes
 LR = 0.5
@@ -146,3 +151,67 @@ def test_client_state_is_saved_under_its_own_prefix() -> None:
 @pytest.mark.parametrize("name", ["ditto", "fedala"])
 def test_stateful_methods_declare_their_state(name: str) -> None:
     assert ALGORITHMS[name].state
+
+
+class TwoLayer(nn.Module):
+    """The smallest model with head / body groups: fc1 (body), fc2 (head)."""
+
+    HEAD_BLOCKS = ("fc2",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(D, 5), nn.Linear(5, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_fedrod_balanced_softmax_and_personal_head_steps() -> None:
+    """Generic head: SGD on CE(g + log n_y'); personal head: SGD on CE(g.detach() + p(z.detach()))
+    (Chen & Chao, 2022, eq. 4-5); the body gets the balanced loss's gradient only."""
+    model = rod_head_model()
+    x, y = data()
+    counts = torch.bincount(y, minlength=C).float()
+    linear = nn.functional.linear  # calling model.fc2 would run the extension's hook (g + p)
+    z = torch.relu(model.fc1(x)).detach()
+    g = linear(z, model.fc2.weight, model.fc2.bias).detach()
+    p = linear(z, model.rod_head.weight, model.rod_head.bias).detach()
+    before = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    body = copy.deepcopy(model.fc1)
+    bsm = nn.functional.cross_entropy(
+        linear(torch.relu(body(x)), model.fc2.weight, model.fc2.bias) + counts.log(), y
+    )
+    grads = torch.autograd.grad(bsm, list(body.parameters()))
+    RECIPES["fedrod"](task_of(model))
+    onehot = nn.functional.one_hot(y, C).float()
+    err_g = (torch.softmax(g + counts.log(), dim=1) - onehot) / N
+    err_p = (torch.softmax(g + p, dim=1) - onehot) / N
+    torch.testing.assert_close(model.fc2.weight.detach(), before["fc2.weight"] - LR * err_g.T @ z)
+    torch.testing.assert_close(model.fc2.bias.detach(), before["fc2.bias"] - LR * err_g.sum(0))
+    torch.testing.assert_close(model.rod_head.weight.detach(), before["rod_head.weight"] - LR * err_p.T @ z)
+    torch.testing.assert_close(model.rod_head.bias.detach(), before["rod_head.bias"] - LR * err_p.sum(0))
+    torch.testing.assert_close(model.fc1.weight.detach(), before["fc1.weight"] - LR * grads[0])
+
+
+def rod_head_model() -> nn.Module:
+    return extend(TwoLayer(), "rod_head", StrategyConfig(name="fedrod"))
+
+
+@pytest.mark.parametrize("name", list(MODEL_CLASSES))
+def test_rod_head_extends_every_model_with_head_and_body_groups(name: str) -> None:
+    model = extend(build_model(name, 10, 1, 28), "rod_head", StrategyConfig(name="fedrod"))
+    head = model_groups(model)["head"]
+    assert head[-1] == "rod_head" and len(head) == 2
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    personalized = model(x)
+    generic = global_view(copy.deepcopy(model))(x)
+    personal_head = model.rod_head
+    features = {}
+    head_module(model).register_forward_hook(lambda m, i, o: features.setdefault("z", i[0]))
+    model(x)
+    torch.testing.assert_close(personalized, generic + personal_head(features["z"]))
+    cfg = StrategyConfig(name="fedrod")
+    resolution = resolve(get_algorithm(cfg).selector(cfg), model)
+    assert set(resolution.personal_keys) == {"rod_head.weight", "rod_head.bias"}

@@ -197,6 +197,7 @@ def test_every_algorithm_is_a_short_declaration() -> None:
         "fedbabu",
         "ditto",
         "fedala",
+        "fedrod",
         "local",
         "partial",
         "lmc",

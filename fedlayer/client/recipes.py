@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedlayer.config import StrategyConfig, TrainConfig
+from fedlayer.extensions import hooks_of
 from fedlayer.training import Proximal, train_epochs
 from strategies.algorithms import Algorithm
 
@@ -188,6 +189,28 @@ def _load_mixed(model: nn.Module, local: dict[str, torch.Tensor], weights: dict[
             params[k].copy_(theta_l + (params[k] - theta_l) * weights[k].to(params[k].device))
 
 
+def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Balanced softmax (Ren et al., 2020): CE(logits + log n_y', y), n the client's samples per class."""
+    return F.cross_entropy(logits + counts.to(logits.device, logits.dtype).log(), y)
+
+
+def fedrod(task: LocalTask) -> float:
+    """FedRoD (Chen & Chao, 2022): body and generic head g minimise the balanced softmax loss of g(z); the
+    personal head p (extension ``rod_head``) minimises CE(g(z).detach() + p(z.detach())). One optimizer
+    over both: the two losses touch disjoint parameters, as PFLlib's two optimizers do."""
+    (heads,) = hooks_of(task.model)
+    counts = torch.bincount(task.y).float()
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model(x)
+        generic, personal = heads.generic, heads.personal
+        assert generic is not None and personal is not None
+        per_class = F.pad(counts, (0, generic.shape[1] - len(counts)))
+        return balanced_softmax_loss(generic, y, per_class) + F.cross_entropy(generic.detach() + personal, y)
+
+    return task.run(task.train.epochs, loss_fn=loss)
+
+
 def as_is(task: LocalTask, last_round: bool) -> nn.Module:
     """The trained model itself."""
     return task.model
@@ -238,6 +261,7 @@ RECIPES: dict[str, Callable[[LocalTask], float]] = {
     "fedbabu": fedbabu,
     "ditto": ditto,
     "fedala": fedala,
+    "fedrod": fedrod,
 }
 PERSONALIZATIONS: dict[str, Callable[[LocalTask, bool], nn.Module]] = {
     "as_is": as_is,

@@ -25,6 +25,7 @@ from fedlayer import flower
 from fedlayer.config import NORMS, Config, ConfigError, check_gpus, load_config, to_toml
 from fedlayer.contract import EXPERIMENT, STATE_DIR
 from fedlayer.experiment import FederatedData, federated_data, initial_model
+from fedlayer.extensions import global_view
 from fedlayer.layers import Resolution, Selector, SelectorError, resolve
 from fedlayer.run import files
 from fedlayer.run.plots import plot_shared_blocks
@@ -75,7 +76,7 @@ def global_evaluator(
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Centralized evaluation of the global model on the server's test set, after every round."""
     device = resolve_device(cfg.train.device)
-    model = initial_model(cfg, data.test).to(device)
+    model = global_view(initial_model(cfg, data.test)).to(device)
     x, y = data.test.x, data.test.y
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
