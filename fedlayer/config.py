@@ -38,6 +38,7 @@ AlgorithmName = Literal[
     "ditto",
     "fedala",
     "fedrod",
+    "feddbe",
     "local",
     "partial",
     "lmc",
@@ -268,6 +269,15 @@ class StrategyConfig:
         "fedala: the last this many parameter tensors are mixed; the others take the global values "
         "(PFLlib's layer_idx)",
         AT_LEAST_1,
+    )
+    dbe_momentum: float = setting(
+        0.1, "feddbe: momentum of the features' running mean (PFLlib's momentum)", Range(0, 1)
+    )
+    dbe_kl_weight: float = setting(
+        0.0,
+        "feddbe: weight of the pull of the running mean to the global mean (PFLlib's default kl_weight = 0; "
+        "its scripts use e.g. 0.001-1)",
+        AT_LEAST_0,
     )
     lmc_source: LmcSource = setting(
         "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"

@@ -108,6 +108,15 @@ ALGORITHMS: dict[str, Algorithm] = {
             recipe="fedrod",
             extension="rod_head",
         ),
+        Algorithm(
+            "feddbe",
+            _ALL,
+            "personal bias on the features + their mean pulled to the global mean (Zhang et al., 2023)",
+            exclude=("dbe_bias",),
+            recipe="feddbe",
+            state=("dbe_global",),
+            extension="dbe",
+        ),
         Algorithm("local", (), "nothing averaged: independent local training"),
         Algorithm(
             "partial", None, "personalization averaging: strategy.shared blocks averaged (Adilova et al.)"

@@ -215,3 +215,59 @@ def test_rod_head_extends_every_model_with_head_and_body_groups(name: str) -> No
     cfg = StrategyConfig(name="fedrod")
     resolution = resolve(get_algorithm(cfg).selector(cfg), model)
     assert set(resolution.personal_keys) == {"rod_head.weight", "rod_head.bias"}
+
+
+def test_feddbe_step_with_personal_bias_and_mean_regularizer() -> None:
+    """Head input z + c; r = m · mean(z) after the reset; loss CE + λ mean(½ (r - ḡ)²) (Zhang et al., 2023,
+    eq. 6-8 with PFLlib's running mean)."""
+    m, lam = 0.1, 5.0
+    model = extend(TwoLayer(), "dbe", StrategyConfig(name="feddbe"))
+    c, glob = torch.linspace(-0.5, 0.5, 5), torch.linspace(1.0, 2.0, 5)
+    with torch.no_grad():
+        model.dbe_bias.client_mean.copy_(c)
+    x, y = data()
+    w1, b1 = (
+        model.fc1.weight.detach().clone().requires_grad_(),
+        model.fc1.bias.detach().clone().requires_grad_(),
+    )
+    w2, b2 = model.fc2.weight.detach().clone(), model.fc2.bias.detach().clone()
+    z = torch.relu(x @ w1.T + b1)
+    hand = nn.functional.cross_entropy((z + c) @ w2.T + b2, y) + lam * torch.mean(
+        0.5 * (m * z.mean(0) - glob) ** 2
+    )
+    g_w1, _ = torch.autograd.grad(hand, [w1, b1])
+    z = z.detach()
+    err = (torch.softmax((z + c) @ w2.T + b2, dim=1) - nn.functional.one_hot(y, C).float()) / N
+    task = task_of(model, {"dbe_global.mean": glob}, dbe_momentum=m, dbe_kl_weight=lam)
+    RECIPES["feddbe"](task)
+    torch.testing.assert_close(model.fc2.weight.detach(), w2 - LR * err.T @ (z + c))
+    torch.testing.assert_close(model.dbe_bias.client_mean.detach(), c - LR * err.sum(0) @ w2)
+    torch.testing.assert_close(model.fc1.weight.detach(), w1.detach() - LR * g_w1)
+    torch.testing.assert_close(model.dbe_mean.running_mean, m * z.mean(0))
+    assert int(model.dbe_mean.num_batches_tracked) == 1
+
+
+def test_feddbe_keeps_the_first_global_mean_and_waits_for_it() -> None:
+    model = extend(TwoLayer(), "dbe", StrategyConfig(name="feddbe"))
+    task = task_of(model, dbe_kl_weight=1.0)
+    RECIPES["feddbe"](task)
+    assert not task.state and not model.dbe_bias.client_mean.detach().any(), "no global mean yet: no DBE"
+    received = model.dbe_mean.running_mean.clone()  # as if the server's average came back
+    RECIPES["feddbe"](task)
+    torch.testing.assert_close(task.state["dbe_global.mean"], received)
+    assert model.dbe_bias.client_mean.detach().any()
+    assert global_view(copy.deepcopy(model))(data()[0]).shape == (N, C)
+
+
+@pytest.mark.parametrize("name", list(MODEL_CLASSES))
+def test_dbe_extends_every_model_with_head_and_body_groups(name: str) -> None:
+    model = extend(build_model(name, 10, 1, 28), "dbe", StrategyConfig(name="feddbe"))
+    with torch.no_grad():
+        model.dbe_bias.client_mean.fill_(0.25)
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    assert not torch.allclose(model(x), global_view(copy.deepcopy(model))(x))
+    cfg = StrategyConfig(name="feddbe")
+    resolution = resolve(get_algorithm(cfg).selector(cfg), model)
+    assert set(resolution.personal_keys) == {"dbe_bias.client_mean"}
+    assert {"dbe_mean.running_mean", "dbe_mean.num_batches_tracked"} <= set(resolution.shared_keys)

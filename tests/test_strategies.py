@@ -198,6 +198,7 @@ def test_every_algorithm_is_a_short_declaration() -> None:
         "ditto",
         "fedala",
         "fedrod",
+        "feddbe",
         "local",
         "partial",
         "lmc",

@@ -10,6 +10,7 @@ import copy
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedlayer.config import StrategyConfig, TrainConfig
-from fedlayer.extensions import hooks_of
+from fedlayer.extensions import FeatureBias, PersonalHead, RunningMean, hooks_of
 from fedlayer.training import Proximal, train_epochs
 from strategies.algorithms import Algorithm
 
@@ -198,7 +199,7 @@ def fedrod(task: LocalTask) -> float:
     """FedRoD (Chen & Chao, 2022): body and generic head g minimise the balanced softmax loss of g(z); the
     personal head p (extension ``rod_head``) minimises CE(g(z).detach() + p(z.detach())). One optimizer
     over both: the two losses touch disjoint parameters, as PFLlib's two optimizers do."""
-    (heads,) = hooks_of(task.model)
+    heads = _hook(task.model, PersonalHead)
     counts = torch.bincount(task.y).float()
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -209,6 +210,45 @@ def fedrod(task: LocalTask) -> float:
         return balanced_softmax_loss(generic, y, per_class) + F.cross_entropy(generic.detach() + personal, y)
 
     return task.run(task.train.epochs, loss_fn=loss)
+
+
+def feddbe(task: LocalTask) -> float:
+    """FedDBE (Zhang et al., 2023): the head sees z + client_mean (extension ``dbe``); the features' running
+    mean r ← (1 - m) r + m mean_batch(z) is tracked over the round and sent up (the server's average is the
+    global mean ḡ); the loss is CE + kl_weight · mean(½ (r - ḡ)²), r keeping the current batch's gradient.
+    The first tracked global mean a client receives is kept (client state ``dbe_global``), as PFLlib fixes it
+    after its initialization pass; before it exists the client trains without client_mean or the term."""
+    features = _hook(task.model, FeatureBias)
+    mean = task.model.get_submodule("dbe_mean")
+    assert isinstance(mean, RunningMean)
+    glob = task.entry("dbe_global").get("mean")
+    if glob is None and int(mean.num_batches_tracked) > 0:
+        glob = mean.running_mean.detach().clone()
+        task.keep("dbe_global", {"mean": glob})
+    mean.running_mean.zero_()
+    mean.num_batches_tracked.zero_()
+    m, weight = task.strategy.dbe_momentum, task.strategy.dbe_kl_weight
+    target = glob.to(task.device) if glob is not None else None
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        assert features.features is not None
+        running = (1 - m) * mean.running_mean + m * features.features.float().mean(0)
+        mean.running_mean.copy_(running.detach())
+        mean.num_batches_tracked += 1
+        ce = F.cross_entropy(logits, y)
+        return ce if target is None else ce + weight * torch.mean(0.5 * (running - target) ** 2)
+
+    frozen = {"dbe_bias.client_mean"} if target is None else set()
+    trainable = {name for name, _ in task.model.named_parameters()} - frozen
+    return task.run(task.train.epochs, trainable=trainable, loss_fn=loss)
+
+
+H = TypeVar("H", PersonalHead, FeatureBias)
+
+
+def _hook(model: nn.Module, kind: type[H]) -> H:
+    return next(h for h in hooks_of(model) if isinstance(h, kind))
 
 
 def as_is(task: LocalTask, last_round: bool) -> nn.Module:
@@ -262,6 +302,7 @@ RECIPES: dict[str, Callable[[LocalTask], float]] = {
     "ditto": ditto,
     "fedala": fedala,
     "fedrod": fedrod,
+    "feddbe": feddbe,
 }
 PERSONALIZATIONS: dict[str, Callable[[LocalTask, bool], nn.Module]] = {
     "as_is": as_is,
