@@ -26,9 +26,9 @@ class Algorithm:
     ``state`` names the client state the recipe keeps across rounds beside the personal keys (Ditto's
     personal model, FedALA's mixing weights): tensors ``task.state["<name>.<key>"]``, saved in the client's
     :class:`fedlayer.client.store.PersonalStore` file under ``state.<name>.<key>``; never sent.
-    ``extension`` names a function of ``fedlayer/extensions.py`` that adds modules to any model with head /
-    body groups, on the server and the clients (FedRoD's second head); ``shared`` / ``exclude`` say which
-    of its blocks are shared.
+    ``extension`` names an entry of ``EXTENSIONS`` in ``fedlayer/models.py``: modules added to any model with
+    head / body groups, on the server and the clients (FedRoD's second head); ``shared`` / ``exclude`` say
+    which of its blocks are shared.
     """
 
     name: str
@@ -40,7 +40,7 @@ class Algorithm:
     aggregator: str | None = None
     dynamic: bool = False  # the shared set changes during the run (lmc); `shared` is the initial set
     state: tuple[str, ...] = ()  # client state the recipe keeps across rounds (never sent)
-    extension: str | None = None  # modules added to the model (fedlayer/extensions.py)
+    extension: str | None = None  # modules added to the model (fedlayer.models.EXTENSIONS)
 
     def selector(self, strategy: StrategyConfig) -> Selector:
         from fedlayer.layers import Selector

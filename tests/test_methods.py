@@ -12,9 +12,8 @@ from torch import nn
 from fedlayer.client.recipes import RECIPES, LocalTask, ala_weights, personalize
 from fedlayer.client.store import join_state, split_state
 from fedlayer.config import StrategyConfig, TrainConfig
-from fedlayer.extensions import extend, global_view, head_module
 from fedlayer.layers import resolve
-from fedlayer.models import MODEL_CLASSES, build_model, model_groups
+from fedlayer.models import MODEL_CLASSES, build_model, extend, global_view, head_module, model_groups
 from strategies import ALGORITHMS, get_algorithm
 
 N, D, C = 8, 3, 4  # samples, features, classes

@@ -96,7 +96,7 @@ class ClientJob:
         partition_id = node_partition_id(context.node_config)
         train_data, test_data = client_data(cfg, context.node_config)
         device = resolve_device(cfg.train.device)
-        model = initial_model(cfg, train_data)
+        model = initial_model(cfg, train_data, get_algorithm(cfg.strategy).extension)
         server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
         store = personal_store(config, context)
         saved = store.load(partition_id, server_round)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedlayer.config import StrategyConfig, TrainConfig
-from fedlayer.extensions import FeatureBias, PersonalHead, RunningMean, hooks_of
+from fedlayer.models import FeatureBias, PersonalHead, RunningMean, hooks_of
 from fedlayer.training import Proximal, train_epochs
 from strategies.algorithms import Algorithm
 
