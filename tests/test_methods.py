@@ -4,19 +4,34 @@ from the paper's equations on a tiny model (plain SGD, one full batch, so every 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, Context, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from test_store import ROOT, instruction
 from torch import nn
 
+from fedlayer.client import app as client_app
 from fedlayer.client.recipes import RECIPES, LocalTask, ala_weights, personalize
 from fedlayer.client.store import join_state, split_state
-from fedlayer.config import StrategyConfig, TrainConfig
+from fedlayer.config import StrategyConfig, TrainConfig, load_config, to_toml
+from fedlayer.experiment import federated_data, initial_model
 from fedlayer.layers import resolve
 from fedlayer.models import MODEL_CLASSES, build_model, extend, global_view, head_module, model_groups
+from fedlayer.server.app import shared_layers
 from strategies import ALGORITHMS, get_algorithm
 
 N, D, C = 8, 3, 4  # samples, features, classes
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages are stamped with the running task's ids; outside a ClientApp we set them."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
 LR = 0.5
 
 
@@ -270,3 +285,38 @@ def test_dbe_extends_every_model_with_head_and_body_groups(name: str) -> None:
     resolution = resolve(get_algorithm(cfg).selector(cfg), model)
     assert set(resolution.personal_keys) == {"dbe_bias.client_mean"}
     assert {"dbe_mean.running_mean", "dbe_mean.num_batches_tracked"} <= set(resolution.shared_keys)
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedala", "fedrod", "feddbe"])
+def test_the_client_app_restores_client_state_and_extensions_after_a_restart(
+    name: str, tiny_fmnist: Path, tmp_path: Path
+) -> None:
+    """The real ClientApp functions: train in round 1, then evaluate with a fresh Context (a restarted
+    SuperNode): the personalized model comes back from the node's store, client state included."""
+    cfg = load_config(
+        ROOT / "experiments/default.toml",
+        [
+            f"data.root='{tiny_fmnist}'",
+            "data.min_partition_size=5",
+            "federation.clients=2",
+            f"strategy.name='{name}'",
+        ],
+    )
+    text = to_toml(cfg)
+    model = initial_model(cfg, federated_data(cfg).test, ALGORITHMS[name].extension)
+    keys = shared_layers(cfg, model).shared_keys
+    shared = ArrayRecord({k: v for k, v in model.state_dict().items() if k in keys})
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node")}
+
+    def context() -> Context:
+        return Context(7, 1, dict(node), RecordDict(), {})
+
+    trained = client_app.train(instruction(MessageType.TRAIN, text, shared, 1), context())
+    after = float(trained.content["metrics"]["personalized_acc_after"])  # type: ignore[arg-type, index]
+    sent = trained.content.array_records["arrays"]
+    assert list(sent.keys()) == keys, "only the shared keys travel"
+    reply = client_app.evaluate_personalized(instruction(MessageType.EVALUATE, text, sent, 1), context())
+    assert float(reply.content["metrics"]["personalized_acc"]) == after  # type: ignore[arg-type, index]
+    saved = torch.load(tmp_path / "node" / "run-7" / "partition-0" / "round-000001.pt", weights_only=True)
+    declared = {k.split(".")[1] for k in saved if k.startswith("state.")}
+    assert declared <= set(ALGORITHMS[name].state)
