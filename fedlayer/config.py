@@ -29,7 +29,20 @@ Device = Literal["auto", "cpu", "cuda"]
 # Registries that import torch/flwr (strategies.ALGORITHMS, strategies.AGGREGATORS, models.MODEL_CLASSES)
 # are checked against these in tests, so validating a config needs neither.
 AlgorithmName = Literal[
-    "fedavg", "fedprox", "fedper", "lgfedavg", "fedbn", "fedrep", "fedbabu", "local", "partial", "lmc"
+    "fedavg",
+    "fedprox",
+    "fedper",
+    "lgfedavg",
+    "fedbn",
+    "fedrep",
+    "fedbabu",
+    "ditto",
+    "fedala",
+    "fedrod",
+    "feddbe",
+    "local",
+    "partial",
+    "lmc",
 ]
 AggregatorName = Literal[
     "fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
@@ -244,6 +257,36 @@ class StrategyConfig:
     )
     finetune_epochs: int = setting(
         10, "fedbabu (finetune = final): whole-model epochs after the last round", AT_LEAST_0
+    )
+    ditto_mu: float = setting(
+        0.0,
+        "ditto: weight of the pull of the personal model toward the global one (PFLlib's default mu = 0; "
+        "the paper tunes it, e.g. 0.1-1)",
+        AT_LEAST_0,
+    )
+    ditto_epochs: int = setting(
+        1, "ditto: personal-model epochs per round (PFLlib's plocal_epochs)", AT_LEAST_1
+    )
+    ala_eta: float = setting(1.0, "fedala: learning rate of the mixing weights (PFLlib's eta)", POSITIVE)
+    ala_rand_percent: int = setting(
+        80,
+        "fedala: percent of the local training data the weights learn on (PFLlib's rand_percent)",
+        Range(1, 100),
+    )
+    ala_layer_idx: int = setting(
+        2,
+        "fedala: the last this many parameter tensors are mixed; the others take the global values "
+        "(PFLlib's layer_idx)",
+        AT_LEAST_1,
+    )
+    dbe_momentum: float = setting(
+        0.1, "feddbe: momentum of the features' running mean (PFLlib's momentum)", Range(0, 1)
+    )
+    dbe_kl_weight: float = setting(
+        0.0,
+        "feddbe: weight of the pull of the running mean to the global mean (PFLlib's default kl_weight = 0; "
+        "its scripts use e.g. 0.001-1)",
+        AT_LEAST_0,
     )
     lmc_source: LmcSource = setting(
         "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"

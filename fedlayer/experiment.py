@@ -22,7 +22,7 @@ from fedlayer.data import (
     write_partition_report,
 )
 from fedlayer.data.sources import clear_dataset_cache
-from fedlayer.models import build_model
+from fedlayer.models import build_model, extend
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,16 @@ def _label_maps(shift: str, clients: int, classes: int, seed: int) -> np.ndarray
     return np.stack(maps)
 
 
-def initial_model(cfg: Config, data: TensorData) -> nn.Module:
-    """The common initial model: identical on the server and every client for a given seed."""
+def initial_model(cfg: Config, data: TensorData, extension: str | None = None) -> nn.Module:
+    """The common initial model: identical on the server and every client for a given seed.
+
+    ``extension``: the algorithm's model extension (its declaration's ``extension``; see
+    :func:`fedlayer.models.extend`), which the server and the clients must both pass.
+    """
     torch.manual_seed(cfg.seed)
     _, channels, size, _ = data.x.shape
-    return build_model(cfg.model.name, data.num_classes, channels, size, cfg.model.norm)
+    model = build_model(cfg.model.name, data.num_classes, channels, size, cfg.model.norm)
+    return extend(model, extension, cfg.strategy)
 
 
 def client_generator(cfg: Config, partition_id: int, server_round: int) -> torch.Generator:

@@ -111,6 +111,7 @@ def check_before_start(cfg: Config) -> None:
     from fedlayer.server.app import shared_layers, sharing_policy
     from fedlayer.server.nodes import excluded_partitions
     from fedlayer.simulation import check_ray_address, load_client_app, ray_address
+    from strategies.algorithms import get_algorithm
 
     check_ray_address(cfg)
     if not ray_address(cfg):  # a joined Ray cluster brings its own CPUs and GPUs
@@ -118,7 +119,7 @@ def check_before_start(cfg: Config) -> None:
     load_client_app(cfg.federation.client_app)
     data = federated_data(cfg)
     excluded_partitions(cfg, data)
-    model = initial_model(cfg, data.test)
+    model = initial_model(cfg, data.test, get_algorithm(cfg.strategy).extension)
     sharing_policy(cfg, model, shared_layers(cfg, model))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -77,11 +77,13 @@ def train_epochs(
     trainable: set[str] | None = None,
     proximal: Proximal | None = None,
     max_steps: int = 0,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """SGD with momentum / weight decay over ``(x, y)``; returns the mean training loss.
 
     Losses are summed on the device and read once at the end (no per-batch host sync).
-    ``max_steps`` > 0 stops after that many optimizer steps (FedBABU's head fine-tuning).
+    ``max_steps`` > 0 stops after that many optimizer steps (FedBABU's head fine-tuning). ``loss_fn(model,
+    x, y)`` replaces the cross-entropy of ``model(x)`` (FedRoD's two heads).
     """
     params = set_trainable(model, trainable)
     optimizer = torch.optim.SGD(
@@ -95,7 +97,7 @@ def train_epochs(
     for xb, yb in itertools.islice(batches, max_steps or None):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         with _autocast(device):
-            loss = F.cross_entropy(model(xb), yb)
+            loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
         if proximal is not None:
             loss = loss + proximal(model)
         optimizer.zero_grad(set_to_none=True)

@@ -23,6 +23,12 @@ class Algorithm:
     ``strategy.aggregator``), ``dynamic`` a shared set that changes during the run (:mod:`strategies.lmc`).
     Client part: ``recipe`` is the function of that name in ``fedlayer/client/recipes.py`` (the local
     training), ``personalization`` the function there that gives the model a client evaluates as its own.
+    ``state`` names the client state the recipe keeps across rounds beside the personal keys (Ditto's
+    personal model, FedALA's mixing weights): tensors ``task.state["<name>.<key>"]``, saved in the client's
+    :class:`fedlayer.client.store.PersonalStore` file under ``state.<name>.<key>``; never sent.
+    ``extension`` names an entry of ``EXTENSIONS`` in ``fedlayer/models.py``: modules added to any model with
+    head / body groups, on the server and the clients (FedRoD's second head); ``shared`` / ``exclude`` say
+    which of its blocks are shared.
     """
 
     name: str
@@ -33,6 +39,8 @@ class Algorithm:
     personalization: str = "as_is"
     aggregator: str | None = None
     dynamic: bool = False  # the shared set changes during the run (lmc); `shared` is the initial set
+    state: tuple[str, ...] = ()  # client state the recipe keeps across rounds (never sent)
+    extension: str | None = None  # modules added to the model (fedlayer.models.EXTENSIONS)
 
     def selector(self, strategy: StrategyConfig) -> Selector:
         from fedlayer.layers import Selector
@@ -75,6 +83,39 @@ ALGORITHMS: dict[str, Algorithm] = {
             "head frozen at init, fine-tuned to evaluate (Oh et al., 2022)",
             recipe="fedbabu",
             personalization="finetune",
+        ),
+        Algorithm(
+            "ditto",
+            _ALL,
+            "FedAvg model + a personal model pulled toward it by mu/2 ||v - w||^2 (Li et al., 2021)",
+            recipe="ditto",
+            personalization="personal_model",
+            state=("personal",),
+        ),
+        Algorithm(
+            "fedala",
+            _ALL,
+            "adaptive local aggregation: learned element-wise mix of global into local (Zhang et al., 2023)",
+            recipe="fedala",
+            personalization="ala_mixed",
+            state=("local", "ala_weights"),
+        ),
+        Algorithm(
+            "fedrod",
+            _ALL,
+            "generic head on a balanced softmax + personal head on its features (Chen & Chao, 2022)",
+            exclude=("rod_head",),
+            recipe="fedrod",
+            extension="rod_head",
+        ),
+        Algorithm(
+            "feddbe",
+            _ALL,
+            "personal bias on the features + their mean pulled to the global mean (Zhang et al., 2023)",
+            exclude=("dbe_bias",),
+            recipe="feddbe",
+            state=("dbe_global",),
+            extension="dbe",
         ),
         Algorithm("local", (), "nothing averaged: independent local training"),
         Algorithm(

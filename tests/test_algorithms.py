@@ -61,7 +61,9 @@ def test_algorithm_runs_two_rounds(runs: dict[str, RunDir], name: str) -> None:
     assert rows[-1]["personalized_acc"] > 0.3
 
 
-@pytest.mark.parametrize("name", ["fedper", "fedrep", "fedbabu", "lgfedavg", "fedbn", "partial", "local"])
+@pytest.mark.parametrize(
+    "name", ["fedper", "fedrep", "fedbabu", "lgfedavg", "fedbn", "partial", "local", "fedrod", "feddbe"]
+)
 def test_personal_keys_stay_at_the_initial_values_on_the_server(runs: dict[str, RunDir], name: str) -> None:
     run = runs[name]
     personal = json.loads(run.file("layers.json").read_text())["personal_keys"]

@@ -536,20 +536,9 @@ def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: 
     assert leftovers(tmp_path) == [], "processes left behind"
 
 
-@slow
-def test_personal_layers_survive_a_supernode_restart(tiny_fmnist: Path, tmp_path: Path) -> None:
-    """SuperNode 1 is SIGKILLed after round 1 and started again: its layers come back from its state-dir.
-
-    `local` keeps every layer personal, so a client that lost its state starts from the initial model (the
-    global model: nothing is averaged). Rows hold client means and the worst client (of 2: the lower one);
-    with a lost state the worst accuracy before training would fall back to round 1's. (With FedPer it
-    would not show here: the tiny data's trained body works with the initial head as well.)
-    """
-    overrides = [
-        *experiment(tiny_fmnist, rounds=3),
-        "strategy.name='local'",
-        "federation.min_train_clients=1",
-    ]
+def restarted_deployment(tmp_path: Path, overrides: list[str]) -> tuple[list[dict[str, float]], list[Path]]:
+    """A 2-SuperNode deployment whose SuperNode 1 is SIGKILLed after round 1 and started again: the rows,
+    and the states SuperNode 1 wrote after its restart."""
     out = prepare_out(tmp_path / "run", overwrite=False)
     restarted: list[float] = []
     with LocalDeployment(2, ROOT, workdir=tmp_path / "work", cwd=ROOT) as deployment:
@@ -571,6 +560,12 @@ def test_personal_layers_survive_a_supernode_restart(tiny_fmnist: Path, tmp_path
     states = tmp_path / "work" / "supernode-1-state" / f"run-{run_id}" / "partition-1"
     after_restart = [p for p in states.glob("round-*.pt") if p.stat().st_mtime > restarted[0]]
     assert after_restart, "the restarted SuperNode never trained"
+    return rows, after_restart
+
+
+def assert_worst_client_kept_its_model(rows: list[dict[str, float]]) -> None:
+    """Rows hold client means and the worst client (of 2: the lower one); with a lost state the worst
+    accuracy before training would fall back to round 1's."""
     both = [r for r in rows[1:] if r["clients_trained"] == 2]
     assert both, rows
     initial = rows[0]["personalized_acc_before_worst10"]
@@ -579,3 +574,39 @@ def test_personal_layers_survive_a_supernode_restart(tiny_fmnist: Path, tmp_path
         [r["personalized_acc_before_worst10"] for r in both],
     )
     assert all(r["personalized_acc_before_worst10"] > initial + 0.2 for r in both)
+
+
+@slow
+def test_personal_layers_survive_a_supernode_restart(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """SuperNode 1 is SIGKILLed after round 1 and started again: its layers come back from its state-dir.
+
+    `local` keeps every layer personal, so a client that lost its state starts from the initial model (the
+    global model: nothing is averaged). (With FedPer it would not show here: the tiny data's trained body
+    works with the initial head as well.)
+    """
+    overrides = [
+        *experiment(tiny_fmnist, rounds=3),
+        "strategy.name='local'",
+        "federation.min_train_clients=1",
+    ]
+    rows, _ = restarted_deployment(tmp_path, overrides)
+    assert_worst_client_kept_its_model(rows)
+
+
+@slow
+def test_ditto_personal_model_survives_a_supernode_restart(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """Ditto's personal model is client state in the SuperNode's store: it survives SIGKILL and restart.
+
+    Each client relabels its data by its own permutation (concept shift), so the averaged model fits
+    neither client, and a client that lost its personal model would evaluate one (Ditto starts the
+    personal model from the received one). With PFLlib's mu = 0 the personal model is the client's own.
+    """
+    overrides = [
+        *experiment(tiny_fmnist, rounds=3),
+        "strategy.name='ditto'",
+        "data.label_shift='permute'",
+        "federation.min_train_clients=1",
+    ]
+    rows, after_restart = restarted_deployment(tmp_path, overrides)
+    assert any(k.startswith("state.personal.") for k in torch.load(after_restart[-1], weights_only=True))
+    assert_worst_client_kept_its_model(rows)

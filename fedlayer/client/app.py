@@ -27,7 +27,7 @@ from flwr.common.logger import log
 
 from fedlayer.client import lmc
 from fedlayer.client.recipes import LocalTask, personalize, train_locally
-from fedlayer.client.store import PersonalStore
+from fedlayer.client.store import PersonalStore, join_state, split_state
 from fedlayer.config import Config, config_from_dict
 from fedlayer.contract import (
     ARRAYS,
@@ -87,6 +87,7 @@ class ClientJob:
     received: list[str]  # keys that came from the server (shared); the rest are personal
     incoming: dict[str, torch.Tensor]  # the received values, before training
     store: PersonalStore
+    client_state: dict[str, torch.Tensor]  # the recipe's state across rounds ("<name>.<key>"), never sent
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientJob:
@@ -95,12 +96,12 @@ class ClientJob:
         partition_id = node_partition_id(context.node_config)
         train_data, test_data = client_data(cfg, context.node_config)
         device = resolve_device(cfg.train.device)
-        model = initial_model(cfg, train_data)
+        model = initial_model(cfg, train_data, get_algorithm(cfg.strategy).extension)
         server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
         store = personal_store(config, context)
-        personal = store.load(partition_id, server_round)
-        if personal is not None:  # else the client never trained: the initial model's personal layers
-            load_state(model, personal)
+        saved = store.load(partition_id, server_round)
+        personal, client_state = split_state(saved or {})
+        load_state(model, personal)  # nothing saved: the client never trained (the initial model's layers)
         arrays = msg.content[ARRAYS]
         incoming = arrays.to_torch_state_dict()  # type: ignore[union-attr]
         load_state(model, incoming)
@@ -115,6 +116,7 @@ class ClientJob:
             list(arrays.keys()),
             incoming,
             store,
+            client_state,
         )
 
     def task(self) -> LocalTask:
@@ -131,6 +133,7 @@ class ClientJob:
             client_generator(self.cfg, self.partition_id, self.server_round),
             head,
             set(self.received) & params,
+            self.client_state,
         )
 
     def personalized_eval(self, task: LocalTask, *, last_round: bool = False) -> tuple[float, float]:
@@ -151,6 +154,14 @@ class ClientJob:
         if get_algorithm(self.cfg.strategy).dynamic:
             return list(self.model.state_dict())
         return self.personal_keys()
+
+
+def checked_state(cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The recipe's client state, each entry under a name its algorithm declares (else a bug: raise)."""
+    declared = get_algorithm(cfg.strategy).state
+    if undeclared := sorted({key.split(".")[0] for key in state} - set(declared)):
+        raise KeyError(f"client state {undeclared} is not declared by {cfg.strategy.name!r}: {declared}")
+    return state
 
 
 def client_data(cfg: Config, node_config: Mapping[str, object]) -> tuple[TensorData, TensorData]:
@@ -180,7 +191,8 @@ def _train(msg: Message, context: Context) -> Message:
     before = job.personalized_eval(task) if job.cfg.train.evaluate_before else None
     train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
     loss_after, acc_after = job.personalized_eval(task)
-    job.store.save(job.partition_id, job.server_round, job.state(job.kept_keys()).to_torch_state_dict())
+    kept = job.state(job.kept_keys()).to_torch_state_dict()
+    job.store.save(job.partition_id, job.server_round, join_state(kept, checked_state(job.cfg, task.state)))
     config = msg.content[CONFIG]
     full = bool(config.get(FULL_MODEL, False))
     metrics = MetricRecord(

@@ -7,13 +7,18 @@ An algorithm declaration (:mod:`strategies.algorithms`) names one entry of :data
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from fedlayer.config import StrategyConfig, TrainConfig
+from fedlayer.models import FeatureBias, PersonalHead, RunningMean, hooks_of
 from fedlayer.training import Proximal, train_epochs
 from strategies.algorithms import Algorithm
 
@@ -31,6 +36,18 @@ class LocalTask:
     generator: torch.Generator
     head: set[str]  # parameter names of the head group
     shared: set[str]  # parameter names the server averages
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # client state, "<name>.<key>"
+
+    def entry(self, name: str) -> dict[str, torch.Tensor]:
+        """The client state ``name`` (declared by the algorithm) by model key; empty before it exists."""
+        prefix = name + "."
+        return {k[len(prefix) :]: v for k, v in self.state.items() if k.startswith(prefix)}
+
+    def keep(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the client state ``name``; it is saved with the personal keys, never sent."""
+        prefix = name + "."
+        self.state = {k: v for k, v in self.state.items() if not k.startswith(prefix)}
+        self.state |= {prefix + k: v.detach().cpu().clone() for k, v in tensors.items()}
 
     def run(self, epochs: int, trainable: set[str] | None = None, **kwargs: object) -> float:
         return train_epochs(
@@ -71,6 +88,169 @@ def fedbabu(task: LocalTask) -> float:
     return task.run(task.train.epochs, trainable=task.body)
 
 
+def ditto(task: LocalTask) -> float:
+    """Ditto (Li et al., 2021): the personal model v takes ``ditto_epochs`` of SGD on
+    CE(v) + mu/2 ||v - w||^2 toward the received global model w; then w trains as in FedAvg (PFLlib's
+    order). v is the client state ``personal``; it starts as the first model the client receives."""
+    personal = personal_model(task, False)
+    if personal is task.model:
+        personal = copy.deepcopy(task.model)
+    reference = {name: p.detach().clone() for name, p in task.model.named_parameters()}
+    train_epochs(
+        personal,
+        task.x,
+        task.y,
+        task.train,
+        epochs=task.strategy.ditto_epochs,
+        device=task.device,
+        generator=task.generator,
+        proximal=Proximal(task.strategy.ditto_mu, reference),
+    )
+    task.keep("personal", personal.state_dict())
+    return task.run(task.train.epochs)
+
+
+ALA_THRESHOLD, ALA_NUM_PRE_LOSS = 0.1, 10  # PFLlib's ALA defaults: first round's weights train until the
+ALA_MAX_EPOCHS = 100  # std of the last 10 epoch losses < 0.1; PFLlib has no cap, this one is a safeguard
+
+
+def fedala(task: LocalTask) -> float:
+    """FedALA (Zhang et al., 2023): before training, the last ``ala_layer_idx`` parameter tensors become
+    θ_l + (θ_g - θ_l) ⊙ W with element-wise weights W in [0, 1] learned on local data (:func:`ala_weights`);
+    the others take the global values. Client state: the trained local tensors ``local`` and W
+    ``ala_weights``. Round one skips it (the local model is the global one, as in PFLlib)."""
+    local = task.entry("local")
+    if local:
+        start_phase = not task.entry("ala_weights")
+        weights = task.entry("ala_weights") or {k: torch.ones_like(v) for k, v in local.items()}
+        weights = ala_weights(task, local, weights, until_converged=start_phase)
+        _load_mixed(task.model, local, weights)
+        task.keep("ala_weights", weights)
+    loss = task.run(task.train.epochs)
+    params = dict(task.model.named_parameters())
+    task.keep("local", {k: params[k] for k in ala_keys(task.model, task.strategy.ala_layer_idx)})
+    return loss
+
+
+def ala_keys(model: nn.Module, layer_idx: int) -> list[str]:
+    """FedALA's mixed tensors: the last ``layer_idx`` parameters in registration order (as PFLlib)."""
+    return [name for name, _ in model.named_parameters()][-layer_idx:]
+
+
+def ala_weights(
+    task: LocalTask,
+    local: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    *,
+    until_converged: bool,
+) -> dict[str, torch.Tensor]:
+    """Learn FedALA's weights on a random contiguous ``ala_rand_percent`` slice of the local data.
+
+    Per batch, with θ̂ = θ_l + (θ_g - θ_l) ⊙ W and θ_g the model's current (global) values:
+    W ← clip(W - η ∇_θ̂ L(θ̂) ⊙ (θ_g - θ_l), 0, 1). One epoch, or (the first time) epochs until the
+    population std of the last 10 epoch losses is below 0.1.
+    """
+    device = task.device
+    model = task.model
+    glob = {k: v.detach().to(device) for k, v in dict(model.named_parameters()).items() if k in local}
+    local = {k: v.to(device) for k, v in local.items()}
+    weights = {k: v.to(device).clone() for k, v in weights.items()}
+    n = max(int(task.strategy.ala_rand_percent / 100 * len(task.y)), 1)
+    start = int(torch.randint(0, len(task.y) - n + 1, (1,), generator=task.generator))
+    x, y = task.x[start : start + n], task.y[start : start + n]
+    size = min(task.train.batch_size, n)
+    model.train()
+    losses: list[float] = []
+    for _ in range(ALA_MAX_EPOCHS):
+        for begin in range(0, n - n % size, size):  # PFLlib's loader drops the last partial batch
+            xb, yb = x[begin : begin + size].to(device), y[begin : begin + size].to(device)
+            mixed = {k: (local[k] + (glob[k] - local[k]) * weights[k]).requires_grad_() for k in local}
+            buffers = {k: v.clone() for k, v in model.named_buffers()}  # train-mode BN must not touch them
+            loss = F.cross_entropy(functional_call(model, {**mixed, **buffers}, (xb,)), yb)
+            grads = torch.autograd.grad(loss, list(mixed.values()))
+            for (k, _), grad in zip(mixed.items(), grads, strict=True):
+                weights[k] = torch.clamp(
+                    weights[k] - task.strategy.ala_eta * grad * (glob[k] - local[k]), 0, 1
+                )
+        losses.append(loss.item())
+        if not until_converged:
+            break
+        recent = losses[-ALA_NUM_PRE_LOSS:]
+        if len(losses) > ALA_NUM_PRE_LOSS and statistics.pstdev(recent) < ALA_THRESHOLD:
+            break
+    return {k: v.cpu() for k, v in weights.items()}
+
+
+def _load_mixed(model: nn.Module, local: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """θ ← θ_l + (θ - θ_l) ⊙ W on the keys of ``local``."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, theta_l in local.items():
+            theta_l = theta_l.to(params[k].device)
+            params[k].copy_(theta_l + (params[k] - theta_l) * weights[k].to(params[k].device))
+
+
+def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Balanced softmax (Ren et al., 2020): CE(logits + log n_y', y), n the client's samples per class."""
+    return F.cross_entropy(logits + counts.to(logits.device, logits.dtype).log(), y)
+
+
+def fedrod(task: LocalTask) -> float:
+    """FedRoD (Chen & Chao, 2022): body and generic head g minimise the balanced softmax loss of g(z); the
+    personal head p (extension ``rod_head``) minimises CE(g(z).detach() + p(z.detach())). One optimizer
+    over both: the two losses touch disjoint parameters, as PFLlib's two optimizers do."""
+    heads = _hook(task.model, PersonalHead)
+    counts = torch.bincount(task.y).float()
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model(x)
+        generic, personal = heads.generic, heads.personal
+        assert generic is not None and personal is not None
+        per_class = F.pad(counts, (0, generic.shape[1] - len(counts)))
+        return balanced_softmax_loss(generic, y, per_class) + F.cross_entropy(generic.detach() + personal, y)
+
+    return task.run(task.train.epochs, loss_fn=loss)
+
+
+def feddbe(task: LocalTask) -> float:
+    """FedDBE (Zhang et al., 2023): the head sees z + client_mean (extension ``dbe``); the features' running
+    mean r ← (1 - m) r + m mean_batch(z) is tracked over the round and sent up (the server's average is the
+    global mean ḡ); the loss is CE + kl_weight · mean(½ (r - ḡ)²), r keeping the current batch's gradient.
+    The first tracked global mean a client receives is kept (client state ``dbe_global``), as PFLlib fixes it
+    after its initialization pass; before it exists the client trains without client_mean or the term."""
+    features = _hook(task.model, FeatureBias)
+    mean = task.model.get_submodule("dbe_mean")
+    assert isinstance(mean, RunningMean)
+    glob = task.entry("dbe_global").get("mean")
+    if glob is None and int(mean.num_batches_tracked) > 0:
+        glob = mean.running_mean.detach().clone()
+        task.keep("dbe_global", {"mean": glob})
+    mean.running_mean.zero_()
+    mean.num_batches_tracked.zero_()
+    m, weight = task.strategy.dbe_momentum, task.strategy.dbe_kl_weight
+    target = glob.to(task.device) if glob is not None else None
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        assert features.features is not None
+        running = (1 - m) * mean.running_mean + m * features.features.float().mean(0)
+        mean.running_mean.copy_(running.detach())
+        mean.num_batches_tracked += 1
+        ce = F.cross_entropy(logits, y)
+        return ce if target is None else ce + weight * torch.mean(0.5 * (running - target) ** 2)
+
+    frozen = {"dbe_bias.client_mean"} if target is None else set()
+    trainable = {name for name, _ in task.model.named_parameters()} - frozen
+    return task.run(task.train.epochs, trainable=trainable, loss_fn=loss)
+
+
+H = TypeVar("H", PersonalHead, FeatureBias)
+
+
+def _hook(model: nn.Module, kind: type[H]) -> H:
+    return next(h for h in hooks_of(model) if isinstance(h, kind))
+
+
 def as_is(task: LocalTask, last_round: bool) -> nn.Module:
     """The trained model itself."""
     return task.model
@@ -92,13 +272,44 @@ def finetune(task: LocalTask, last_round: bool) -> nn.Module:
     return task.model
 
 
+def personal_model(task: LocalTask, last_round: bool) -> nn.Module:
+    """Ditto: the personal model (client state ``personal``); the received model before it exists."""
+    personal = task.entry("personal")
+    if not personal:
+        return task.model
+    model = copy.deepcopy(task.model)
+    model.load_state_dict(personal)
+    return model
+
+
+def ala_mixed(task: LocalTask, last_round: bool) -> nn.Module:
+    """FedALA: a copy of the model with the local tensors mixed in by the weights learned so far (PFLlib
+    evaluates after learning them in the round; relearning here would draw data the training draws again).
+    After training the local tensors are the model's own, so the model is evaluated as trained."""
+    local, weights = task.entry("local"), task.entry("ala_weights")
+    if not local or not weights:
+        return task.model
+    model = copy.deepcopy(task.model)
+    _load_mixed(model, local, weights)
+    return model
+
+
 RECIPES: dict[str, Callable[[LocalTask], float]] = {
     "sgd": sgd,
     "fedprox": fedprox,
     "fedrep": fedrep,
     "fedbabu": fedbabu,
+    "ditto": ditto,
+    "fedala": fedala,
+    "fedrod": fedrod,
+    "feddbe": feddbe,
 }
-PERSONALIZATIONS: dict[str, Callable[[LocalTask, bool], nn.Module]] = {"as_is": as_is, "finetune": finetune}
+PERSONALIZATIONS: dict[str, Callable[[LocalTask, bool], nn.Module]] = {
+    "as_is": as_is,
+    "finetune": finetune,
+    "personal_model": personal_model,
+    "ala_mixed": ala_mixed,
+}
 
 
 def train_locally(algorithm: Algorithm, task: LocalTask) -> float:

@@ -1,7 +1,9 @@
 """The clients' personal layers on disk, so that neither RAM nor a process restart loses them.
 
 One store serves simulation and SuperNodes; it holds ``<root>/partition-<id>/round-<r>.pt``, a client's
-personal state after training in round r (tensors only: loads with ``torch.load(weights_only=True)``).
+personal state after training in round r (tensors only: loads with ``torch.load(weights_only=True)``): its
+personal keys and, under ``state.<name>.<key>``, the client state its algorithm's recipe keeps (Ditto's
+personal model, FedALA's weights).
 In simulation the root is the run directory's ``clients/`` (the clients share the server's file system);
 on a SuperNode it is a node-local folder per run, so a restarted SuperNode finds its layers again.
 
@@ -20,6 +22,19 @@ from pathlib import Path
 import torch
 
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
+STATE_PREFIX = "state."  # keys of a recipe's client state in a saved file: "state.<name>.<key>"
+
+
+def split_state(saved: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A saved file's (personal model keys, client state keyed ``<name>.<key>``)."""
+    personal = {k: v for k, v in saved.items() if not k.startswith(STATE_PREFIX)}
+    state = {k[len(STATE_PREFIX) :]: v for k, v in saved.items() if k.startswith(STATE_PREFIX)}
+    return personal, state
+
+
+def join_state(personal: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One file's content: personal model keys, then the client state under :data:`STATE_PREFIX`."""
+    return personal | {STATE_PREFIX + k: v.detach().cpu() for k, v in state.items()}
 
 
 class PersonalStore:

@@ -27,6 +27,7 @@ from fedlayer.config import DEFAULT_EXPERIMENT, NORMS, Config, ConfigError, chec
 from fedlayer.contract import EXPERIMENT, STATE_DIR
 from fedlayer.experiment import FederatedData, federated_data, initial_model
 from fedlayer.layers import Resolution, Selector, SelectorError, resolve
+from fedlayer.models import global_view
 from fedlayer.run import files
 from fedlayer.run.plots import plot_shared_blocks
 from fedlayer.run.report import plot_accuracy
@@ -76,7 +77,7 @@ def global_evaluator(
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Centralized evaluation of the global model on the server's test set, after every round."""
     device = resolve_device(cfg.train.device)
-    model = initial_model(cfg, data.test).to(device)
+    model = global_view(initial_model(cfg, data.test, get_algorithm(cfg.strategy).extension)).to(device)
     x, y = data.test.x, data.test.y
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -130,7 +131,7 @@ def run_server(
             len(data.splits),
             ", ".join(map(str, excluded[:20])) + (", ..." if len(excluded) > 20 else ""),
         )
-    model = initial_model(cfg, data.test)
+    model = initial_model(cfg, data.test, get_algorithm(cfg.strategy).extension)
     layers = shared_layers(cfg, model)
     run.write_json(files.LAYERS, layers.to_json())
     log(INFO, "fedlayer: %s", layers.describe())

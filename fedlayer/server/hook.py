@@ -57,6 +57,7 @@ class BarrierWorker:
     def __init__(self, cfg: Config) -> None:
         from fedlayer.experiment import federated_data, initial_model
         from fedlayer.models import model_blocks
+        from strategies.algorithms import get_algorithm
 
         self.cfg = cfg
         self.data = federated_data(self.cfg)
@@ -65,7 +66,7 @@ class BarrierWorker:
             # Ray leaves a num_cpus=0 actor torch's default of one thread per core: it would oversubscribe
             # the cores the client actors train on. It uses the cores it reserved, at least one.
             torch.set_num_threads(max(1, int(cfg.analysis.num_cpus)))
-        self.model = initial_model(self.cfg, self.data.test)
+        self.model = initial_model(self.cfg, self.data.test, get_algorithm(cfg.strategy).extension)
         self.blocks = model_blocks(self.model)
         self.evaluator = self._evaluator(self.data.test.x, self.data.test.y)
 

@@ -1,0 +1,322 @@
+"""The methods beyond a block split (Ditto, FedALA, ...): each update pinned against a hand computation
+from the paper's equations on a tiny model (plain SGD, one full batch, so every step is one formula)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from test_store import ROOT, instruction
+from torch import nn
+
+from fedlayer.client import app as client_app
+from fedlayer.client.recipes import RECIPES, LocalTask, ala_weights, personalize
+from fedlayer.client.store import join_state, split_state
+from fedlayer.config import StrategyConfig, TrainConfig, load_config, to_toml
+from fedlayer.experiment import federated_data, initial_model
+from fedlayer.layers import resolve
+from fedlayer.models import MODEL_CLASSES, build_model, extend, global_view, head_module, model_groups
+from fedlayer.server.app import shared_layers
+from strategies import ALGORITHMS, get_algorithm
+
+N, D, C = 8, 3, 4  # samples, features, classes
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages are stamped with the running task's ids; outside a ClientApp we set them."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+LR = 0.5
+
+
+def tiny(seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(D, C)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(N, D, generator=gen), torch.randint(0, C, (N,), generator=gen)
+
+
+def task_of(model: nn.Module, state: dict[str, torch.Tensor] | None = None, **strategy: object) -> LocalTask:
+    """One full batch per epoch, no momentum: an epoch is one gradient step."""
+    x, y = data()
+    return LocalTask(
+        model,
+        x,
+        y,
+        TrainConfig(lr=LR, momentum=0.0, batch_size=N),
+        StrategyConfig(**strategy),  # type: ignore[arg-type]
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+        {"weight", "bias"},
+        {"weight", "bias"},
+        dict(state or {}),
+    )
+
+
+def ce_grads(w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇ of the mean cross-entropy of a linear model by hand: (softmax(xWᵀ + b) - onehot(y)) / N."""
+    x, y = data()
+    err = (torch.softmax(x @ w.T + b, dim=1) - nn.functional.one_hot(y, C).float()) / N
+    return err.T @ x, err.sum(0)
+
+
+def test_ditto_personal_step_is_sgd_on_ce_plus_the_proximal_pull() -> None:
+    """v ← v - lr (∇CE(v) + mu (v - w)); then w ← w - lr ∇CE(w) (Li et al., 2021, Alg. 1)."""
+    mu = 0.3
+    w, v = tiny(0), tiny(1)
+    task = task_of(w, {f"personal.{k}": t for k, t in v.state_dict().items()}, ditto_mu=mu)
+    w0 = {k: t.detach().clone() for k, t in w.state_dict().items()}
+    v0 = {k: t.detach().clone() for k, t in v.state_dict().items()}
+    RECIPES["ditto"](task)
+    gw, gb = ce_grads(v0["weight"], v0["bias"])
+    personal = {k[len("personal.") :]: t for k, t in task.state.items()}
+    torch.testing.assert_close(
+        personal["weight"], v0["weight"] - LR * (gw + mu * (v0["weight"] - w0["weight"]))
+    )
+    torch.testing.assert_close(personal["bias"], v0["bias"] - LR * (gb + mu * (v0["bias"] - w0["bias"])))
+    gw, gb = ce_grads(w0["weight"], w0["bias"])
+    torch.testing.assert_close(w.weight.detach(), w0["weight"] - LR * gw)
+    torch.testing.assert_close(w.bias.detach(), w0["bias"] - LR * gb)
+    evaluated = personalize(ALGORITHMS["ditto"], task)
+    torch.testing.assert_close(evaluated.weight.detach(), personal["weight"])
+
+
+def test_ditto_starts_its_personal_model_from_the_received_one() -> None:
+    w = tiny(0)
+    task = task_of(w, ditto_mu=1.0)
+    assert personalize(ALGORITHMS["ditto"], task) is w
+    w0 = w.weight.detach().clone()
+    RECIPES["ditto"](task)
+    gw, _ = ce_grads(w0, tiny(0).bias.detach())
+    torch.testing.assert_close(task.state["personal.weight"], w0 - LR * gw)  # the pull is 0 at v = w
+
+
+def test_fedala_weight_update_and_clipping() -> None:
+    """θ̂ = θ_l + (θ_g - θ_l) ⊙ W; W ← clip(W - η ∇_θ̂ L ⊙ (θ_g - θ_l), 0, 1) (Zhang et al., 2023, eq. 5)."""
+    eta = 20.0  # large enough that some weights clip at 0 and at 1
+    glob, local = tiny(0), tiny(1)
+    task = task_of(glob, ala_eta=eta, ala_rand_percent=100, ala_layer_idx=2)
+    g = {k: t.detach().clone() for k, t in glob.named_parameters()}
+    loc = {k: t.detach().clone() for k, t in local.named_parameters()}
+    w0 = {k: torch.full_like(t, 0.5) for k, t in g.items()}
+    learned = ala_weights(task, loc, w0, until_converged=False)
+    mixed = {k: loc[k] + (g[k] - loc[k]) * w0[k] for k in g}
+    grads = dict(zip(("weight", "bias"), ce_grads(mixed["weight"], mixed["bias"]), strict=True))
+    for k in g:
+        expected = torch.clamp(w0[k] - eta * grads[k] * (g[k] - loc[k]), 0, 1)
+        torch.testing.assert_close(learned[k], expected)
+    flat = torch.cat([t.flatten() for t in learned.values()])
+    assert (flat == 0).any() and (flat == 1).any(), "the test must exercise both clips"
+
+
+def test_fedala_mixes_before_training_and_keeps_its_state() -> None:
+    """Round > 1: the model trains from θ_l + (θ_g - θ_l) ⊙ W with the learned W; the lower tensors
+    (outside ``ala_layer_idx``) stay global. Round 1 skips ALA."""
+    glob, local = tiny(0), tiny(1)
+    g = {k: t.detach().clone() for k, t in glob.named_parameters()}
+    state = {f"local.{k}": t.detach().clone() for k, t in local.named_parameters() if k == "bias"}
+    state |= {"ala_weights.bias": torch.full((C,), 0.5)}
+    task = task_of(glob, state, ala_rand_percent=100, ala_layer_idx=1)  # only the bias is mixed
+    learned = ala_weights(
+        task_of(tiny(0), ala_rand_percent=100),
+        {"bias": state["local.bias"]},
+        {"bias": state["ala_weights.bias"]},
+        until_converged=False,
+    )
+    RECIPES["fedala"](task)
+    start_bias = state["local.bias"] + (g["bias"] - state["local.bias"]) * learned["bias"]
+    gw, gb = ce_grads(g["weight"], start_bias)
+    torch.testing.assert_close(glob.weight.detach(), g["weight"] - LR * gw)
+    torch.testing.assert_close(glob.bias.detach(), start_bias - LR * gb)
+    torch.testing.assert_close(task.state["ala_weights.bias"], learned["bias"])
+    torch.testing.assert_close(task.state["local.bias"], glob.bias.detach())
+    first = task_of(tiny(0), ala_layer_idx=1)
+    RECIPES["fedala"](first)
+    assert set(first.state) == {"local.bias"}, "round one: no weights learned yet"
+
+
+def test_fedala_start_phase_trains_weights_until_the_losses_settle() -> None:
+    glob, local = tiny(0), tiny(1)
+    task = task_of(glob, ala_rand_percent=100)
+    loc = {k: t.detach().clone() for k, t in local.named_parameters()}
+    ones = {k: torch.ones_like(t) for k, t in loc.items()}
+    once = ala_weights(task, loc, ones, until_converged=False)
+    settled = ala_weights(task, loc, ones, until_converged=True)
+    assert any(not torch.equal(once[k], settled[k]) for k in loc), "more than one epoch in the start phase"
+
+
+def test_client_state_is_saved_under_its_own_prefix() -> None:
+    personal, state = {"fc2.weight": torch.ones(2)}, {"personal.conv1.weight": torch.zeros(3)}
+    saved = join_state(personal, state)
+    assert set(saved) == {"fc2.weight", "state.personal.conv1.weight"}
+    back_personal, back_state = split_state(saved)
+    assert set(back_personal) == set(personal) and set(back_state) == set(state)
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedala"])
+def test_stateful_methods_declare_their_state(name: str) -> None:
+    assert ALGORITHMS[name].state
+
+
+class TwoLayer(nn.Module):
+    """The smallest model with head / body groups: fc1 (body), fc2 (head)."""
+
+    HEAD_BLOCKS = ("fc2",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(D, 5), nn.Linear(5, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_fedrod_balanced_softmax_and_personal_head_steps() -> None:
+    """Generic head: SGD on CE(g + log n_y'); personal head: SGD on CE(g.detach() + p(z.detach()))
+    (Chen & Chao, 2022, eq. 4-5); the body gets the balanced loss's gradient only."""
+    model = rod_head_model()
+    x, y = data()
+    counts = torch.bincount(y, minlength=C).float()
+    linear = nn.functional.linear  # calling model.fc2 would run the extension's hook (g + p)
+    z = torch.relu(model.fc1(x)).detach()
+    g = linear(z, model.fc2.weight, model.fc2.bias).detach()
+    p = linear(z, model.rod_head.weight, model.rod_head.bias).detach()
+    before = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    body = copy.deepcopy(model.fc1)
+    bsm = nn.functional.cross_entropy(
+        linear(torch.relu(body(x)), model.fc2.weight, model.fc2.bias) + counts.log(), y
+    )
+    grads = torch.autograd.grad(bsm, list(body.parameters()))
+    RECIPES["fedrod"](task_of(model))
+    onehot = nn.functional.one_hot(y, C).float()
+    err_g = (torch.softmax(g + counts.log(), dim=1) - onehot) / N
+    err_p = (torch.softmax(g + p, dim=1) - onehot) / N
+    torch.testing.assert_close(model.fc2.weight.detach(), before["fc2.weight"] - LR * err_g.T @ z)
+    torch.testing.assert_close(model.fc2.bias.detach(), before["fc2.bias"] - LR * err_g.sum(0))
+    torch.testing.assert_close(model.rod_head.weight.detach(), before["rod_head.weight"] - LR * err_p.T @ z)
+    torch.testing.assert_close(model.rod_head.bias.detach(), before["rod_head.bias"] - LR * err_p.sum(0))
+    torch.testing.assert_close(model.fc1.weight.detach(), before["fc1.weight"] - LR * grads[0])
+
+
+def rod_head_model() -> nn.Module:
+    return extend(TwoLayer(), "rod_head", StrategyConfig(name="fedrod"))
+
+
+@pytest.mark.parametrize("name", list(MODEL_CLASSES))
+def test_rod_head_extends_every_model_with_head_and_body_groups(name: str) -> None:
+    model = extend(build_model(name, 10, 1, 28), "rod_head", StrategyConfig(name="fedrod"))
+    head = model_groups(model)["head"]
+    assert head[-1] == "rod_head" and len(head) == 2
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    personalized = model(x)
+    generic = global_view(copy.deepcopy(model))(x)
+    personal_head = model.rod_head
+    features = {}
+    head_module(model).register_forward_hook(lambda m, i, o: features.setdefault("z", i[0]))
+    model(x)
+    torch.testing.assert_close(personalized, generic + personal_head(features["z"]))
+    cfg = StrategyConfig(name="fedrod")
+    resolution = resolve(get_algorithm(cfg).selector(cfg), model)
+    assert set(resolution.personal_keys) == {"rod_head.weight", "rod_head.bias"}
+
+
+def test_feddbe_step_with_personal_bias_and_mean_regularizer() -> None:
+    """Head input z + c; r = m · mean(z) after the reset; loss CE + λ mean(½ (r - ḡ)²) (Zhang et al., 2023,
+    eq. 6-8 with PFLlib's running mean)."""
+    m, lam = 0.1, 5.0
+    model = extend(TwoLayer(), "dbe", StrategyConfig(name="feddbe"))
+    c, glob = torch.linspace(-0.5, 0.5, 5), torch.linspace(1.0, 2.0, 5)
+    with torch.no_grad():
+        model.dbe_bias.client_mean.copy_(c)
+    x, y = data()
+    w1, b1 = (
+        model.fc1.weight.detach().clone().requires_grad_(),
+        model.fc1.bias.detach().clone().requires_grad_(),
+    )
+    w2, b2 = model.fc2.weight.detach().clone(), model.fc2.bias.detach().clone()
+    z = torch.relu(x @ w1.T + b1)
+    hand = nn.functional.cross_entropy((z + c) @ w2.T + b2, y) + lam * torch.mean(
+        0.5 * (m * z.mean(0) - glob) ** 2
+    )
+    g_w1, _ = torch.autograd.grad(hand, [w1, b1])
+    z = z.detach()
+    err = (torch.softmax((z + c) @ w2.T + b2, dim=1) - nn.functional.one_hot(y, C).float()) / N
+    task = task_of(model, {"dbe_global.mean": glob}, dbe_momentum=m, dbe_kl_weight=lam)
+    RECIPES["feddbe"](task)
+    torch.testing.assert_close(model.fc2.weight.detach(), w2 - LR * err.T @ (z + c))
+    torch.testing.assert_close(model.dbe_bias.client_mean.detach(), c - LR * err.sum(0) @ w2)
+    torch.testing.assert_close(model.fc1.weight.detach(), w1.detach() - LR * g_w1)
+    torch.testing.assert_close(model.dbe_mean.running_mean, m * z.mean(0))
+    assert int(model.dbe_mean.num_batches_tracked) == 1
+
+
+def test_feddbe_keeps_the_first_global_mean_and_waits_for_it() -> None:
+    model = extend(TwoLayer(), "dbe", StrategyConfig(name="feddbe"))
+    task = task_of(model, dbe_kl_weight=1.0)
+    RECIPES["feddbe"](task)
+    assert not task.state and not model.dbe_bias.client_mean.detach().any(), "no global mean yet: no DBE"
+    received = model.dbe_mean.running_mean.clone()  # as if the server's average came back
+    RECIPES["feddbe"](task)
+    torch.testing.assert_close(task.state["dbe_global.mean"], received)
+    assert model.dbe_bias.client_mean.detach().any()
+    assert global_view(copy.deepcopy(model))(data()[0]).shape == (N, C)
+
+
+@pytest.mark.parametrize("name", list(MODEL_CLASSES))
+def test_dbe_extends_every_model_with_head_and_body_groups(name: str) -> None:
+    model = extend(build_model(name, 10, 1, 28), "dbe", StrategyConfig(name="feddbe"))
+    with torch.no_grad():
+        model.dbe_bias.client_mean.fill_(0.25)
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    assert not torch.allclose(model(x), global_view(copy.deepcopy(model))(x))
+    cfg = StrategyConfig(name="feddbe")
+    resolution = resolve(get_algorithm(cfg).selector(cfg), model)
+    assert set(resolution.personal_keys) == {"dbe_bias.client_mean"}
+    assert {"dbe_mean.running_mean", "dbe_mean.num_batches_tracked"} <= set(resolution.shared_keys)
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedala", "fedrod", "feddbe"])
+def test_the_client_app_restores_client_state_and_extensions_after_a_restart(
+    name: str, tiny_fmnist: Path, tmp_path: Path
+) -> None:
+    """The real ClientApp functions: train in round 1, then evaluate with a fresh Context (a restarted
+    SuperNode): the personalized model comes back from the node's store, client state included."""
+    cfg = load_config(
+        ROOT / "experiments/default.toml",
+        [
+            f"data.root='{tiny_fmnist}'",
+            "data.min_partition_size=5",
+            "federation.clients=2",
+            f"strategy.name='{name}'",
+        ],
+    )
+    text = to_toml(cfg)
+    model = initial_model(cfg, federated_data(cfg).test, ALGORITHMS[name].extension)
+    keys = shared_layers(cfg, model).shared_keys
+    shared = ArrayRecord({k: v for k, v in model.state_dict().items() if k in keys})
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node")}
+
+    def context() -> Context:
+        return Context(7, 1, dict(node), RecordDict(), {})
+
+    trained = client_app.train(instruction(MessageType.TRAIN, text, shared, 1), context())
+    after = float(trained.content["metrics"]["personalized_acc_after"])  # type: ignore[arg-type, index]
+    sent = trained.content.array_records["arrays"]
+    assert list(sent.keys()) == keys, "only the shared keys travel"
+    reply = client_app.evaluate_personalized(instruction(MessageType.EVALUATE, text, sent, 1), context())
+    assert float(reply.content["metrics"]["personalized_acc"]) == after  # type: ignore[arg-type, index]
+    saved = torch.load(tmp_path / "node" / "run-7" / "partition-0" / "round-000001.pt", weights_only=True)
+    declared = {k.split(".")[1] for k in saved if k.startswith("state.")}
+    assert declared <= set(ALGORITHMS[name].state)
