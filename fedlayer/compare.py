@@ -190,6 +190,7 @@ def compare(
     tensorboard: bool = False,
 ) -> None:
     from fedlayer.run.report import write_report
+    from fedlayer.run.rundir import write_atomic
 
     variants = [Variant.parse(spec) for spec in specs]
     check_inputs(config, variants, seeds, overrides, out)
@@ -203,7 +204,7 @@ def compare(
             {"strategy": r.variant.label, "seed": r.seed, "path": str(r.path.relative_to(out))} for r in runs
         ],
     }
-    (out / SWEEP).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(out / SWEEP, json.dumps(manifest, indent=2) + "\n")
     sweep(config, variants, seeds, overrides, out, tensorboard=tensorboard)
     write_report(out)
 

@@ -13,6 +13,7 @@ it needs more, it reaches into Flower here and nowhere else:
 - :data:`STRATEGY_STATE`: the attributes in which Flower's server-side optimizers (FedAvgM, FedAdam,
   FedYogi, FedAdagrad) keep their state between rounds, checkpointed so a resume continues them exactly.
 - :func:`deliver_to_waiting_nodes`: a replacement for the engine's message-delivery loop.
+- :func:`colour_on_terminal_only`: Flower's console log handler colours its levels with ANSI codes always.
 
 The delivery loop: flwr 1.42's engine hands instructions to its client workers from a thread that, every
 0.1 s, asks the in-memory LinkState for the next message of *every* registered node
@@ -27,6 +28,7 @@ Flower's engine in a process of its own and keeps Flower's loop.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -36,6 +38,7 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.clientapp import ClientApp
+from flwr.common.logger import update_console_handler
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import LinkState
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
@@ -44,6 +47,13 @@ from flwr.superlink.grid import InMemoryGrid
 
 # Server-side optimizer state of Flower's strategies (FedAvgM, FedOpt family); absent attributes are skipped.
 STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+
+
+def colour_on_terminal_only() -> None:
+    """Flower's console log (fedlayer's warnings use it) without ANSI colour codes when stderr is not a
+    terminal (a log file, a CI job, ``2>&1 | tee``)."""
+    update_console_handler(colored=sys.stderr.isatty())
+
 
 _FLOWER_LOOP = vce_api.add_messages_to_queue
 POLL_SECONDS = 0.1  # Flower's interval between two passes

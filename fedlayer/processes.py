@@ -1,4 +1,5 @@
-"""Process handling (psutil): stop process trees, find what a dead run left behind, lock a run directory.
+"""Process handling (psutil): stop process trees, find what a dead run left behind, lock a run directory,
+and this process's own SIGTERM (:class:`Signalled`).
 
 The one place for process handling; the simulation, the deployment and the CLI use these helpers. A recorded
 process is named by its pid *and* its start time (:class:`ProcessId`), so a recycled pid is never mistaken
@@ -24,6 +25,25 @@ from typing import Any
 import psutil
 
 from fedlayer.run.files import LOCK_FILE
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, systemd, ``docker stop``) raised as Ctrl-C's exception, so that every
+    cleanup that handles Ctrl-C handles it too; the command exits with :func:`exit_code`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_signalled(signum: int, frame: object) -> None:
+    """A signal handler: raise :class:`Signalled` in the main thread."""
+    raise Signalled(signum)
+
+
+def exit_code(stop: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended (130 for Ctrl-C)."""
+    return 128 + getattr(stop, "signum", signal.SIGINT)
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from sim_helpers import ROOT, assert_same_model, cli_args, env, metrics, run, start, wait_for_rows
 
-from fedlayer.cli import main
+from fedlayer.cli import _interrupted_line, main
 from fedlayer.config import load_config, to_toml
 from fedlayer.processes import ProcessRecord
 from fedlayer.run.files import CHECKPOINT, LOCK_FILE, SESSION_FILE
+from fedlayer.run.rundir import NoSpaceLeft, RunDir, save_arrays
 
 CLI = [sys.executable, "-m", "fedlayer.cli"]
 
@@ -97,6 +100,7 @@ def test_ctrl_c_stops_cleanly_and_resuming_equals_the_uninterrupted_run(
     output = (tmp_path / "stopped.log").read_text()
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert "(raylet)" not in output, "Ray's reports of the actors the stop ended belong in flower.log"
     last = output.strip().splitlines()[-1]
     assert last == (
         "fedlayer: interrupted; the last complete round is saved, continue with: "
@@ -111,6 +115,37 @@ def test_ctrl_c_stops_cleanly_and_resuming_equals_the_uninterrupted_run(
     run([*CLI, "run", "--resume", str(stopped)])
     assert metrics(stopped) == metrics(reference)
     assert_same_model(stopped / "model.pt", reference / "model.pt")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_with_exit_143_and_one_line(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """`kill PID`, `timeout`, systemd and `docker stop` send SIGTERM to the command's process only."""
+    out = tmp_path / "run"
+    proc = start(cli_args(tiny_fmnist, out), tmp_path / "run.log")
+    try:
+        wait_for_rows(out, 1, proc)
+        started = tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    output = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output and "SIGTERM received" not in output and "(raylet)" not in output
+    assert output.strip().splitlines()[-1] == (
+        f"fedlayer: interrupted; the last complete round is saved, continue with: fedlayer run --resume {out}"
+    )
+    assert running(started) == [], "Ray, its agents and the client actors are stopped"
+    assert not (out / LOCK_FILE).exists() and not (out / SESSION_FILE).exists()
+
+
+def test_an_interruption_before_the_first_round_says_how_to_start_again(tmp_path: Path) -> None:
+    line = _interrupted_line(RunDir(tmp_path))
+    assert line.endswith(
+        f"nothing to resume in {tmp_path}; to start again, run the same command with --overwrite"
+    )
 
 
 @pytest.mark.slow
@@ -210,3 +245,27 @@ def test_resume_stops_what_the_killed_run_left(tiny_fmnist: Path, tmp_path: Path
     ]
     assert all(f"({p.pid})" in line for p in left if is_ray_agent(p))
     assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "tensors"])
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary_file(kind: str, tmp_path: Path) -> None:
+    """ENOSPC from the kernel: the temporary file is a link to /dev/full (every write to it fails so)."""
+    run_dir = RunDir(tmp_path)
+
+    def write(value: float) -> None:
+        if kind == "text":
+            run_dir.write_json("summary.json", {"value": value})
+        else:
+            save_arrays(run_dir, CHECKPOINT, ArrayRecord({"w": Array(np.full(1000, value, np.float32))}))
+
+    name = "summary.json" if kind == "text" else CHECKPOINT
+    write(1.0)
+    before = (tmp_path / name).read_bytes()
+    (tmp_path / f"{name}.tmp").symlink_to("/dev/full")
+    with pytest.raises(NoSpaceLeft) as failed:
+        write(2.0)
+    message = str(failed.value)
+    assert message.startswith(f"cannot write {tmp_path / name}: no space left on ") and "MiB free" in message
+    assert "\n" not in message
+    assert (tmp_path / name).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -12,12 +12,13 @@ loads the older one). Clients drop older files when they save; the server prunes
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from fedlayer.run.rundir import torch_bytes, write_atomic
 
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
 
@@ -54,9 +55,7 @@ class PersonalStore:
                 "give the SuperNode a writable node config state-dir"
             ) from err
         path = folder / f"round-{server_round:06d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, torch_bytes(state))
         older = [p for r, p in self._files(partition_id) if r < server_round]
         _unlink(older[:-1])
 

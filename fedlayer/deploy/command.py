@@ -16,13 +16,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from fedlayer.config import Config, ConfigError, load_config
 from fedlayer.deploy.flwr_cli import DeployError, RunOutcome, tail
 from fedlayer.deploy.local import HOST, LocalDeployment, TlsFiles, check_options, default_app_dir
 from fedlayer.inputs import add_config, add_out, check_before_start, check_out, load, positive_int
+from fedlayer.processes import exit_code, raise_signalled
 from fedlayer.run.files import CONFIG_RESOLVED, DEPLOY, FLOWER_LOG, METRICS
 
 
@@ -108,9 +108,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         except DeployError as err:
             print(f"fedlayer deploy: error: {err}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             print("fedlayer deploy: interrupted; the deployment was shut down", file=sys.stderr)
-            return 130
+            return exit_code(stop)
     return report(outcome, out)
 
 
@@ -197,12 +197,9 @@ def _stop_on_signals() -> Iterator[None]:
     on after its caller's SIGINT, and its SuperLink and SuperNodes with it.
     """
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
     signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = {sig: signal.signal(sig, interrupt) for sig in signals}
+        previous = {sig: signal.signal(sig, raise_signalled) for sig in signals}
     except ValueError:  # not the main thread
         yield
         return

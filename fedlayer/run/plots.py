@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from fedlayer.contract import GLOBAL
 from fedlayer.run.files import LAYERS_BY_ROUND, SHARED_BLOCKS_PLOT
 from fedlayer.run.readers import midpoint, read_barriers, read_json, read_landscape
+from fedlayer.run.rundir import save_figure
 
 BARRIER = "L(midpoint) − ½[L(A) + L(B)]"
 SIGN = "> 0: worse than the two models, < 0: better"
@@ -235,8 +236,7 @@ def predicted_figure(landscape: pd.DataFrame) -> Figure | None:
 
 
 def save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_analysis(run_dir: Path) -> list[Path]:
