@@ -7,6 +7,7 @@ row per run; figures are matplotlib ``Figure`` objects (no pyplot state).
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,8 @@ from fedlayer.run.readers import (
     read_metrics,
 )
 from fedlayer.run.rundir import save_figure, write_atomic
+
+log = logging.getLogger(__name__)
 
 POOLED = "Σ correct / Σ test samples over all clients (PFLlib's number)"
 # metrics.jsonl keys of a run's accuracy plot, with their legend
@@ -466,5 +469,7 @@ def render(path: Path) -> list[Path]:
         write_report(path)
         return [*made, path / REPORT]
     if (path / METRICS).exists():
+        if read_metrics(path).empty:
+            log.warning("%s has no rows: no round of %s completed", path / METRICS, path)
         return render_run(path)
     raise ConfigError(f"report: {str(path)!r} is neither a run directory nor a compare directory")
