@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -98,18 +99,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             signum = _simulate_with_progress(cfg, run, args)
         except Exception as err:
-            from fedlayer.run.rundir import NoSpaceLeft
-
-            if not isinstance(full := _run_failure(err), NoSpaceLeft):
+            if (failure := _run_failure(err)) is None:
                 raise
-            print(f"fedlayer: error: {full}; {_continue(run, 'free space, then')}", file=sys.stderr)
+            full = "no space left" in str(failure)  # here or in a client's reply (on the same disk)
+            print(
+                f"fedlayer: error: {failure}; {_continue(run, 'free space, then' if full else '')}",
+                file=sys.stderr,
+            )
             return 1
     if signum:
         print(_interrupted_line(run), file=sys.stderr)
         return 128 + signum
+    from fedlayer.run.progress import fault_summary
+
     print(f"run directory: {run.path}")
-    final = run.read_jsonl()[-1]
-    print(_final_line(final))
+    rows = run.read_jsonl()
+    print(_final_line(rows[-1]))
+    if summary := fault_summary(rows):
+        logging.getLogger(__name__).warning(summary)
     return 0
 
 
@@ -307,9 +314,25 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class _ConsoleWarnings(logging.Handler):
+    """fedlayer's warnings (``logging.getLogger("fedlayer...")``) as ``fedlayer: warning: ...`` on stderr,
+    looked up per line: above a progress bar while one is shown."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"fedlayer: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _warnings_to_console() -> None:
+    logger = logging.getLogger("fedlayer")
+    if not any(isinstance(h, _ConsoleWarnings) for h in logger.handlers):
+        logger.addHandler(_ConsoleWarnings(logging.WARNING))
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage statistics from Flower / flwr-datasets
     args = _parser().parse_args(argv)
+    _warnings_to_console()
     sigterm = signal.signal(signal.SIGTERM, raise_signalled)  # as Ctrl-C, wherever the command is
     try:
         return COMMANDS[args.command](args)

@@ -37,7 +37,10 @@ class Signalled(KeyboardInterrupt):
 
 
 def raise_signalled(signum: int, frame: object) -> None:
-    """A signal handler: raise :class:`Signalled` in the main thread."""
+    """A signal handler: raise :class:`Signalled` in the main thread. Later SIGINTs and SIGTERMs are
+    ignored: the cleanup the first one started must not be cut short."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise Signalled(signum)
 
 

@@ -343,15 +343,19 @@ def _signals_stop(stop: StopRequest) -> Iterator[Callable[[], None]]:
 
 
 class _ConsoleFilter(logging.Filter):
-    """Flower's console output: warnings and errors, minus its deprecation banner, and nothing once a
-    stop is requested (the teardown's errors are expected); ``flower.log`` keeps everything."""
+    """On the console, of what goes through Flower's logger: fedlayer's own warnings and errors only, and
+    nothing once a stop is requested (the teardown's errors are expected); ``flower.log`` keeps everything.
+
+    Flower logs every client exception with Ray's whole traceback; fedlayer reports each such client fault
+    in one line the round it happens (from the round's row), and a failed run in one line.
+    """
 
     def __init__(self, stop: StopRequest) -> None:
         super().__init__()
         self.stop = stop
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.stop.is_set() or str(record.msg).startswith("DEPRECATED FEATURE"))
+        return not self.stop.is_set() and str(record.msg).startswith("fedlayer:")
 
 
 @contextmanager

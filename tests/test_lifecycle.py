@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,61 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary_file(kind: str, 
     assert "\n" not in message
     assert (tmp_path / name).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real file system of ``size`` at ``mount`` (root only)."""
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=False)
+    if made.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until its file system is full."""
+    with open(path, "wb", buffering=0) as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0")
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(
+    tiny_fmnist: Path, tmp_path: Path
+) -> None:
+    """The run directory on a real 32 MB tmpfs that is filled up after round 1."""
+    with small_tmpfs(tmp_path / "small", "32m") as mount:
+        out = mount / "run"
+        proc = start(cli_args(tiny_fmnist, out, "federation.rounds=3"), tmp_path / "run.log")
+        try:
+            wait_for_rows(out, 1, proc)
+            proc.send_signal(signal.SIGSTOP)
+            fill(mount / "filler")
+            proc.send_signal(signal.SIGCONT)
+            proc.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        output = (tmp_path / "run.log").read_text()
+        assert proc.returncode == 1, output[-3000:]
+        assert "Traceback" not in output and "Logging error" not in output
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("fedlayer: error: ") and "no space left on tmpfs (mounted at " in last
+        assert last.endswith(
+            f"the last complete round is saved, free space, then continue with: fedlayer run --resume {out}"
+        )
+        assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
+        done = torch.load(out / CHECKPOINT, weights_only=True)["round"]
+        assert done >= 1 and [row["round"] for row in metrics(out)] == list(range(1, done + 1))
+        (mount / "filler").unlink()
+        run([*CLI, "run", "--resume", str(out)])
+        assert [row["round"] for row in metrics(out)] == [1, 2, 3]
+        assert not (out / LOCK_FILE).exists()

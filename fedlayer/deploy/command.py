@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import re
 import shutil
 import signal
 import sys
@@ -141,6 +143,7 @@ def _deploy_and_run(
 
 def report(outcome: RunOutcome, out: Path) -> int:
     """Write ``deploy.json``, print the outcome; the exit code (1 unless the run completed)."""
+    from fedlayer.run.progress import fault_summary
     from fedlayer.run.rundir import RunDir
 
     run = RunDir(out)
@@ -149,14 +152,28 @@ def report(outcome: RunOutcome, out: Path) -> int:
     print(f"run directory: {out}")
     if not outcome.ok:
         print(f"deploy: run {outcome.run_id} {outcome.status}: {outcome.details}", file=sys.stderr)
-        print(tail(out / FLOWER_LOG), file=sys.stderr)
+        print(_failure(out / FLOWER_LOG) or tail(out / FLOWER_LOG), file=sys.stderr)
         return 1
     rows = run.read_jsonl()
     if rows:
         last = rows[-1]
         keys = [k for k in ("global_acc", "personalized_acc", "train_loss") if k in last]
         print(f"final round {last['round']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in keys))
+    if faults := fault_summary(rows):
+        logging.getLogger(__name__).warning(faults)
     return 0
+
+
+def _failure(server_log: Path) -> str:
+    """The ServerApp's one-line failure in its log (too few valid client updates, a full disk), without
+    the traceback Flower logs around it; "" when it failed otherwise."""
+    from fedlayer.run.rundir import NoSpaceLeft
+    from strategies.mechanism import RoundFailedError
+
+    names = "|".join(error.__name__ for error in (RoundFailedError, NoSpaceLeft))
+    text = server_log.read_text(errors="replace") if server_log.exists() else ""
+    found = re.findall(rf"\b(?:{names}): (.*)", text)
+    return f"fedlayer deploy: error: {found[-1].strip()}" if found else ""
 
 
 def _progress_from_metrics(out: Path, update: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
