@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_failure(err: BaseException | None) -> BaseException | None:
     """What ended a command, behind Flower's wrapping, when it is one line for the user: too few valid
     client updates (RoundFailedError), a full disk (NoSpaceLeft)."""
-    from fedlayer.run.rundir import NoSpaceLeft
+    from fedlayer.run.atomic import NoSpaceLeft
     from strategies.mechanism import RoundFailedError
 
     while err is not None and not isinstance(err, RoundFailedError | NoSpaceLeft):

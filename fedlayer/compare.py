@@ -193,8 +193,8 @@ def compare(
     *,
     tensorboard: bool = False,
 ) -> None:
+    from fedlayer.run.atomic import write_atomic
     from fedlayer.run.report import write_report
-    from fedlayer.run.rundir import write_atomic
 
     variants = [Variant.parse(spec) for spec in specs]
     check_inputs(config, variants, seeds, overrides, out)

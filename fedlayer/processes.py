@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from fedlayer.run.atomic import write_atomic
 from fedlayer.run.files import LOCK_FILE
 
 
@@ -234,9 +235,7 @@ class ProcessRecord:
     processes: list[ProcessId] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> ProcessRecord | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fedlayer.run.rundir import torch_bytes, write_atomic
+from fedlayer.run.atomic import torch_bytes, write_atomic
 
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
 

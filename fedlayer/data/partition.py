@@ -13,8 +13,8 @@ import numpy as np
 
 from fedlayer.config import PARTITIONERS, DataConfig
 from fedlayer.data.sources import DataError
+from fedlayer.run.atomic import save_figure, write_atomic
 from fedlayer.run.files import PARTITION, PARTITION_PLOT
-from fedlayer.run.rundir import save_figure, write_atomic
 
 # datasets / flwr-datasets are imported where used: TensorData users (GPU benchmarks without Flower
 # installed, client processes) should not pay for or need them.

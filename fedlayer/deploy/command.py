@@ -167,7 +167,7 @@ def report(outcome: RunOutcome, out: Path) -> int:
 def _failure(server_log: Path) -> str:
     """The ServerApp's one-line failure in its log (too few valid client updates, a full disk), without
     the traceback Flower logs around it; "" when it failed otherwise."""
-    from fedlayer.run.rundir import NoSpaceLeft
+    from fedlayer.run.atomic import NoSpaceLeft
     from strategies.mechanism import RoundFailedError
 
     names = "|".join(error.__name__ for error in (RoundFailedError, NoSpaceLeft))

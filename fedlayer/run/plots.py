@@ -20,9 +20,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedlayer.contract import GLOBAL
+from fedlayer.run.atomic import save_figure
 from fedlayer.run.files import LAYERS_BY_ROUND, SHARED_BLOCKS_PLOT
 from fedlayer.run.readers import midpoint, read_barriers, read_json, read_landscape
-from fedlayer.run.rundir import save_figure
 
 BARRIER = "L(midpoint) − ½[L(A) + L(B)]"
 SIGN = "> 0: worse than the two models, < 0: better"

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from fedlayer.config import ConfigError
+from fedlayer.run.atomic import save_figure, write_atomic
 from fedlayer.run.files import (
     ACCURACY_PLOT,
     BARRIER_HEATMAPS,
@@ -42,7 +43,6 @@ from fedlayer.run.readers import (
     read_landscape,
     read_metrics,
 )
-from fedlayer.run.rundir import save_figure, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from fedlayer.client.store import PersonalStore
 from fedlayer.config import ConfigError
 from fedlayer.contract import partition_of
 from fedlayer.flower import STRATEGY_STATE
+from fedlayer.run.atomic import torch_bytes, write_atomic
 from fedlayer.run.files import CHECKPOINT, CLIENT_STATE, CONFIG_RESOLVED, METRICS
-from fedlayer.run.rundir import RunDir, torch_bytes, write_atomic
+from fedlayer.run.rundir import RunDir
 from strategies.mechanism import PartialStrategy, RoundObserver
 
 FORMAT = 1

@@ -27,8 +27,8 @@ from fedlayer.analysis.evaluate import Evaluator
 from fedlayer.analysis.landscape import LandscapeRow, landscape
 from fedlayer.config import AnalysisConfig, Config
 from fedlayer.contract import GLOBAL
+from fedlayer.run.atomic import append_text, write_atomic
 from fedlayer.run.files import ANALYSIS_ERRORS, BARRIERS, LANDSCAPE
-from fedlayer.run.rundir import append_text, write_atomic
 
 State = dict[str, torch.Tensor]
 PAIR_COLUMNS = ["round", "client_a", "client_b"]
