@@ -258,6 +258,9 @@ def _start_ray(address: str, init_args: dict[str, object], run: RunDir) -> RaySe
         warnings.simplefilter("always")
         try:
             context = ray.init(address=address or "local", **init_args)  # type: ignore[arg-type]
+        except SystemExit as exit_:  # SIGTERM while ray.init ran: its own handler calls sys.exit(signum)
+            ray.shutdown()
+            raise Interrupted(exit_.code if isinstance(exit_.code, int) else signal.SIGTERM) from None
         except (ConnectionError, ValueError) as err:
             if not address:
                 raise
