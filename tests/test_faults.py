@@ -250,6 +250,7 @@ def test_faulty_clients_in_a_real_simulation(tiny_fmnist: Path, tmp_path: Path) 
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert "\x1b[" not in proc.stderr, "no colour codes when stderr is not a terminal"
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("fedlayer: warning: ")]
     assert len(warnings) == 2, proc.stderr[-3000:]  # one per fault, the round it happens
     excluded = "fedlayer: warning: round {}: partition {} \\(node \\d+\\) excluded: {}"

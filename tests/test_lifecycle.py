@@ -4,6 +4,7 @@ checkpoint, and what a SIGKILLed run leaves running."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -329,3 +330,20 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(
         run([*CLI, "run", "--resume", str(out)])
         assert [row["round"] for row in metrics(out)] == [1, 2]
         assert not (out / LOCK_FILE).exists()
+
+
+def test_console_log_has_no_colour_codes_off_a_terminal() -> None:
+    from flwr.common.logger import console_handler
+
+    from fedlayer import flower
+
+    flower.colour_on_terminal_only()  # pytest's stderr is not a terminal
+    record = logging.LogRecord("flwr", logging.WARNING, "", 0, "fedlayer: x", None, None)
+    assert console_handler.format(record) == "WARNING :   fedlayer: x"
+
+
+def test_the_ray_internals_the_simulation_replaces_are_there() -> None:
+    """simulation._ray_errors_to_log swaps Ray's printer of raylet errors; a Ray upgrade must keep it."""
+    from ray._private import worker
+
+    assert callable(worker.print_to_stdstream) and callable(worker.listen_error_messages)
