@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from fedlayer.inputs import (
     load,
     report_bad_input,
 )
+from fedlayer.processes import exit_code, raise_signalled
 from fedlayer.run.files import CHECKPOINT, CONFIG_RESOLVED
 
 # What a resumed run may change: more rounds, another Ray cluster (neither changes the rounds already done).
@@ -94,13 +96,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             from fedlayer.run.rundir import RunDir
 
             run = RunDir.create(path, overwrite=args.overwrite)
-        signum = _simulate_with_progress(cfg, run, args)
+        try:
+            signum = _simulate_with_progress(cfg, run, args)
+        except Exception as err:
+            if (failure := _run_failure(err)) is None:
+                raise
+            full = "no space left" in str(failure)  # here or in a client's reply (on the same disk)
+            print(
+                f"fedlayer: error: {failure}; {_continue(run, 'free space, then' if full else '')}",
+                file=sys.stderr,
+            )
+            return 1
     if signum:
         print(_interrupted_line(run), file=sys.stderr)
         return 128 + signum
+    from fedlayer.run.progress import fault_summary
+
     print(f"run directory: {run.path}")
-    final = run.read_jsonl()[-1]
-    print(_final_line(final))
+    rows = run.read_jsonl()
+    print(_final_line(rows[-1]))
+    if summary := fault_summary(rows):
+        logging.getLogger(__name__).warning(summary)
     return 0
 
 
@@ -123,8 +139,8 @@ def _simulate_with_progress(cfg: Config, run: Any, args: argparse.Namespace) -> 
             simulate(cfg, run, on_round, resume=bool(args.resume))
     except Interrupted as stop:
         signum = stop.signum
-    except KeyboardInterrupt:  # before the simulation took over SIGINT
-        signum = signal.SIGINT
+    except KeyboardInterrupt as stop:  # before the simulation took over SIGINT / SIGTERM
+        signum = exit_code(stop) - 128
     else:
         return 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopped already: more Ctrl-C would only garble the exit
@@ -133,9 +149,16 @@ def _simulate_with_progress(cfg: Config, run: Any, args: argparse.Namespace) -> 
 
 def _interrupted_line(run: Any) -> str:
     if run.file(CHECKPOINT).exists():
-        resume = f"fedlayer run --resume {run.path}"
-        return f"fedlayer: interrupted; the last complete round is saved, continue with: {resume}"
-    return f"fedlayer: interrupted before the first round completed; nothing to resume in {run.path}"
+        return f"fedlayer: interrupted; {_continue(run)}"
+    return f"fedlayer: interrupted before the first round completed; {_continue(run)}"
+
+
+def _continue(run: Any, first: str = "") -> str:
+    """How to go on with ``run``: resume from its checkpoint, or start it again."""
+    then = f"{first} " if first else ""
+    if run.file(CHECKPOINT).exists():
+        return f"the last complete round is saved, {then}continue with: fedlayer run --resume {run.path}"
+    return f"nothing to resume in {run.path}; to start again, {then}run the same command with --overwrite"
 
 
 @contextmanager
@@ -291,29 +314,50 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class _ConsoleWarnings(logging.Handler):
+    """fedlayer's warnings (``logging.getLogger("fedlayer...")``) as ``fedlayer: warning: ...`` on stderr,
+    looked up per line: above a progress bar while one is shown."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"fedlayer: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _warnings_to_console() -> None:
+    logger = logging.getLogger("fedlayer")
+    if not any(isinstance(h, _ConsoleWarnings) for h in logger.handlers):
+        logger.addHandler(_ConsoleWarnings(logging.WARNING))
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage statistics from Flower / flwr-datasets
     args = _parser().parse_args(argv)
+    _warnings_to_console()
+    sigterm = signal.signal(signal.SIGTERM, raise_signalled)  # as Ctrl-C, wherever the command is
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:  # config values, flags, files, data, layer selectors
         return report_bad_input(err)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("fedlayer: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except RuntimeError as err:
-        failed = _round_failure(err)
+        return exit_code(stop)
+    except Exception as err:
+        failed = _run_failure(err)
         if failed is None:
             raise
         print(f"fedlayer: error: {failed}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
 
 
-def _round_failure(err: BaseException | None) -> BaseException | None:
-    """The RoundFailedError behind Flower's wrapping, if that is what ended the run."""
+def _run_failure(err: BaseException | None) -> BaseException | None:
+    """What ended a command, behind Flower's wrapping, when it is one line for the user: too few valid
+    client updates (RoundFailedError), a full disk (NoSpaceLeft)."""
+    from fedlayer.run.atomic import NoSpaceLeft
     from strategies.mechanism import RoundFailedError
 
-    while err is not None and not isinstance(err, RoundFailedError):
+    while err is not None and not isinstance(err, RoundFailedError | NoSpaceLeft):
         err = err.__cause__ or err.__context__
     return err
 

@@ -56,8 +56,9 @@ class SweepRun:
     path: Path
 
     def finished(self) -> bool:
-        summary = self.path / SUMMARY
-        return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+        from fedlayer.run.readers import read_json
+
+        return read_json(self.path / SUMMARY).get("status") == "finished"
 
 
 def plan(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) -> list[SweepRun]:
@@ -154,8 +155,11 @@ def check_inputs(
 
     if not variants:
         raise ConfigError("--strategies: give at least one strategy, e.g. fedavg,fedper,partial[conv1+fc2]")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds: {list(seeds)} must be at least one seed, each once, e.g. 0,1,2")
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed, e.g. 0,1,2")
+    twice = next((seed for i, seed in enumerate(seeds) if seed in seeds[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"--seeds: seed {twice} is given twice")
     folders = [v.folder for v in variants]
     for variant in variants:
         if folders.count(variant.folder) > 1:
@@ -189,6 +193,7 @@ def compare(
     *,
     tensorboard: bool = False,
 ) -> None:
+    from fedlayer.run.atomic import write_atomic
     from fedlayer.run.report import write_report
 
     variants = [Variant.parse(spec) for spec in specs]
@@ -203,7 +208,7 @@ def compare(
             {"strategy": r.variant.label, "seed": r.seed, "path": str(r.path.relative_to(out))} for r in runs
         ],
     }
-    (out / SWEEP).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(out / SWEEP, json.dumps(manifest, indent=2) + "\n")
     sweep(config, variants, seeds, overrides, out, tensorboard=tensorboard)
     write_report(out)
 

@@ -49,6 +49,8 @@ NODE_STATE_DEFAULT = "fedlayer-state"  # its default, relative to the SuperNode'
 GLOBAL = "global"
 
 _ERROR_PARTITION = re.compile(rf"{PARTITION_ID}=(\d+)")
+_ERROR_LINE = re.compile(rf"{PARTITION_ID}=\d+: .*")
+_ERROR_PREFIX = re.compile(rf"^{PARTITION_ID}=\d+: ")
 
 
 def node_partition_id(node_config: Mapping[str, object]) -> int:
@@ -59,6 +61,19 @@ def node_partition_id(node_config: Mapping[str, object]) -> int:
 def client_error(partition_id: int, err: BaseException) -> str:
     """The text of a client's error reply: Flower sends only this, so it names the partition."""
     return f"{PARTITION_ID}={partition_id}: {type(err).__name__}: {err}"
+
+
+def error_cause(reason: str) -> str:
+    """The cause in a client's error reply, one line: what :func:`client_error` wrote,
+    found in whatever the engine wrapped around it (the simulation's reply holds Ray's whole traceback);
+    the whole reason, on one line, when no such text is in it."""
+    found = _ERROR_LINE.findall(reason)
+    return found[-1].removesuffix("'>").strip() if found else " ".join(reason.split())
+
+
+def without_partition(cause: str) -> str:
+    """A client's error text without the partition id in front (for a line that names the partition)."""
+    return _ERROR_PREFIX.sub("", cause, count=1)
 
 
 def partition_of(reply: Message, known: Mapping[int, int], node_id: int | None = None) -> int | None:

@@ -15,9 +15,9 @@ it needs more, it reaches into Flower here and nowhere else:
 - :func:`deliver_to_waiting_nodes`: a replacement for the engine's message-delivery loop.
 - :class:`OneLineErrors`: the ServerApp runner logs an exception that ends the ServerApp with its traceback
   (``log(ERROR, ..., exc_info=ex)``); for a user's mistake (a config error) one line says all.
-- Names Flower does not promise: its logger (:data:`LOGGER`; fedlayer's log lines join it), the process title
-  of its client actors (:data:`CLIENT_ACTOR`, stopped on Ctrl-C) and the prefix of its deprecation banner
-  (:data:`DEPRECATION_BANNER`, kept off the console).
+- Names Flower does not promise: its logger (:data:`LOGGER`; fedlayer's log lines join it) and the process
+  title of its client actors (:data:`CLIENT_ACTOR`, stopped on Ctrl-C).
+- :func:`colour_on_terminal_only`: Flower's console log handler colours its levels with ANSI codes always.
 
 The delivery loop: flwr 1.42's engine hands instructions to its client workers from a thread that, every
 0.1 s, asks the in-memory LinkState for the next message of *every* registered node
@@ -33,6 +33,7 @@ Flower's engine in a process of its own and keeps Flower's loop.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,7 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.clientapp import ClientApp
+from flwr.common.logger import update_console_handler
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import LinkState
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
@@ -50,9 +52,15 @@ from flwr.superlink.grid import InMemoryGrid
 
 LOGGER = "flwr"  # Flower's logger; fedlayer logs through it (flwr.common.logger.log), flower.log collects it
 CLIENT_ACTOR = "ray::ClientAppActor"  # process title of Flower's client actors (Ray: "ray::<class>")
-DEPRECATION_BANNER = "DEPRECATED FEATURE"  # how Flower's deprecation warnings start
 # Server-side optimizer state of Flower's strategies (FedAvgM, FedOpt family); absent attributes are skipped.
 STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+
+
+def colour_on_terminal_only() -> None:
+    """Flower's console log (fedlayer's warnings use it) without ANSI colour codes when stderr is not a
+    terminal (a log file, a CI job, ``2>&1 | tee``)."""
+    update_console_handler(colored=sys.stderr.isatty())
+
 
 _FLOWER_LOOP = vce_api.add_messages_to_queue
 POLL_SECONDS = 0.1  # Flower's interval between two passes

@@ -1,4 +1,5 @@
-"""Process handling (psutil): stop process trees, find what a dead run left behind, lock a run directory.
+"""Process handling (psutil): stop process trees, find what a dead run left behind, lock a run directory,
+and this process's own SIGTERM (:class:`Signalled`).
 
 The one place for process handling; the simulation, the deployment and the CLI use these helpers. A recorded
 process is named by its pid *and* its start time (:class:`ProcessId`), so a recycled pid is never mistaken
@@ -23,7 +24,30 @@ from typing import Any
 
 import psutil
 
+from fedlayer.run.atomic import write_atomic
 from fedlayer.run.files import LOCK_FILE
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, systemd, ``docker stop``) raised as Ctrl-C's exception, so that every
+    cleanup that handles Ctrl-C handles it too; the command exits with :func:`exit_code`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_signalled(signum: int, frame: object) -> None:
+    """A signal handler: raise :class:`Signalled` in the main thread. Later SIGINTs and SIGTERMs are
+    ignored: the cleanup the first one started must not be cut short."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Signalled(signum)
+
+
+def exit_code(stop: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended (130 for Ctrl-C)."""
+    return 128 + getattr(stop, "signum", signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -211,9 +235,7 @@ class ProcessRecord:
     processes: list[ProcessId] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> ProcessRecord | None:

@@ -27,10 +27,11 @@ import signal
 import socket
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
@@ -175,12 +176,19 @@ def simulate(
             raise
 
     log_flower_to(run)
+    flower.colour_on_terminal_only()
     limit_malloc_arenas()
     if stopped := stop_leftovers(run):
         log(logging.INFO, "fedlayer: stopped what a killed run left: %s", stopped)
     backend = backend_config(cfg)
-    with _signals_stop(stop), _console_quiet(stop), flower.deliver_to_waiting_nodes():
+    with (
+        _signals_stop(stop) as install_handlers,
+        _console_quiet(stop),
+        _ray_errors_to_log(),
+        flower.deliver_to_waiting_nodes(),
+    ):
         session = _start_ray(ray_address(cfg), backend["init_args"], run)  # type: ignore[arg-type]
+        install_handlers()  # ray.init replaced the SIGTERM handler
         try:
             stop.check()  # Ctrl-C while Ray started
             flower.run_in_process(
@@ -248,6 +256,9 @@ def _start_ray(address: str, init_args: dict[str, object], run: RunDir) -> RaySe
         warnings.simplefilter("always")
         try:
             context = ray.init(address=address or "local", **init_args)  # type: ignore[arg-type]
+        except SystemExit as exit_:  # SIGTERM while ray.init ran: its own handler calls sys.exit(signum)
+            ray.shutdown()
+            raise Interrupted(exit_.code if isinstance(exit_.code, int) else signal.SIGTERM) from None
         except (ConnectionError, ValueError) as err:
             if not address:
                 raise
@@ -300,34 +311,52 @@ def stop_leftovers(run: RunDir) -> str:
     return stopped
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def _signals_stop(stop: StopRequest) -> Iterator[None]:
-    """SIGINT and SIGTERM request a stop instead of raising in whatever the main thread is waiting on."""
+def _signals_stop(stop: StopRequest) -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM request a stop instead of raising in whatever the main thread is waiting on.
+
+    Yields a function that installs the handlers again: ``ray.init`` replaces the SIGTERM handler twice,
+    with Python's ``sys.exit`` and, in C, with its core worker's failure handler, which dumps
+    ``*** SIGTERM received ***`` and aborts the process (exit -6, nothing stopped, no resume line).
+    """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.request(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def install() -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    install()
     try:
-        yield
+        yield install
     finally:
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            if old is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, old)
 
 
 class _ConsoleFilter(logging.Filter):
-    """Flower's console output: warnings and errors, minus its deprecation banner, and nothing once a
-    stop is requested (the teardown's errors are expected); ``flower.log`` keeps everything."""
+    """On the console, of what goes through Flower's logger: fedlayer's own warnings and errors only, and
+    nothing once a stop is requested (the teardown's errors are expected); ``flower.log`` keeps everything.
+
+    Flower logs every client exception with Ray's whole traceback; fedlayer reports each such client fault
+    in one line the round it happens (from the round's row), and a failed run in one line.
+    """
 
     def __init__(self, stop: StopRequest) -> None:
         super().__init__()
         self.stop = stop
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.stop.is_set() or str(record.msg).startswith(flower.DEPRECATION_BANNER))
+        return not self.stop.is_set() and str(record.msg).startswith("fedlayer:")
 
 
 @contextmanager
@@ -345,3 +374,26 @@ def _console_quiet(stop: StopRequest) -> Iterator[None]:
         for handler, level in zip(handlers, levels, strict=True):
             handler.removeFilter(quiet)
             handler.setLevel(level)
+
+
+@contextmanager
+def _ray_errors_to_log() -> Iterator[None]:
+    """Ray's driver prints the errors its raylets publish (``(raylet) A worker died or was killed ...``)
+    on stdout; they go to ``flower.log`` instead. A client actor that dies mid-round is a client fault the
+    run reports; the rest are the actors that a stop (Ctrl-C, SIGTERM) ends on purpose.
+
+    Ray 2.55 has no setting for it: its error-listener thread calls ``ray._private.worker.print_to_stdstream``
+    (looked up per message), which is replaced while the simulation runs.
+    """
+    from ray._private import worker
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        for line in data.get("lines", []):
+            log(logging.INFO, "ray (%s): %s", data.get("pid", ""), line)
+
+    original = worker.print_to_stdstream
+    worker.print_to_stdstream = to_log
+    try:
+        yield
+    finally:
+        worker.print_to_stdstream = original

@@ -15,7 +15,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedlayer.contract import COST_PREFIX, FULL_MODEL, LMC_MEASURE, NUM_EXAMPLES, REFERENCE, partition_of
+from fedlayer.contract import (
+    COST_PREFIX,
+    FULL_MODEL,
+    LMC_MEASURE,
+    NUM_EXAMPLES,
+    REFERENCE,
+    error_cause,
+    partition_of,
+)
 from strategies.sharing import SharingPolicy
 
 
@@ -99,7 +107,7 @@ def reply_fault(
 ) -> tuple[str, str]:
     """("", "") for a usable train reply, else (reason, detail); shapes are checked against ``reference``."""
     if reply.has_error():
-        return "error", " ".join((reply.error.reason or "").split())[:300]
+        return "error", error_cause(reply.error.reason or "")[:500]
     content = reply.content
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return "malformed", "expected one ArrayRecord and one MetricRecord"

@@ -54,3 +54,12 @@ def test_a_bad_config_is_reported_before_torch_flower_or_ray_load(tmp_path: Path
         [sys.executable, "-c", probe, str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+
+
+def test_a_missing_data_root_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """torchvision makes DATA_ROOT/FashionMNIST/raw before it tries to download (no internet here)."""
+    root, out = tmp_path / "missing" / "root", tmp_path / "run"
+    assert main(["run", DEFAULT, "--set", f"data.root='{root}'", "--out", str(out)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"fedlayer: error: data.root: fashion_mnist not found in {root} ")
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlayer.models import build_model
+from fedlayer.run.progress import fault_lines, fault_summary
 from fedlayer.run.rundir import RunDir
 from fedlayer.server.observers import RoundRecorder
 from strategies.mechanism import ClientFault, PartialStrategy, RoundFailedError, RoundObserver
@@ -148,6 +150,22 @@ def test_recorder_counts_faults_by_reason(tmp_path: Path) -> None:
     row = recorder.finish_round(1, 0.5, 0.5)
     assert row["client_faults"] == 2 and row["client_failures"] == 1
     assert row["client_fault_reasons"] == {"nan": 1, "error": 1} and row["faulty_partitions"] == [2]
+    assert fault_lines(row) == [
+        "round 1: partition 2 (node 7) excluded: nan: w",
+        "round 1: an unknown partition (node 8) excluded: boom",
+    ]
+
+
+def test_the_fault_summary_names_each_client_once_with_its_first_cause() -> None:
+    cause = "partition-id=1: DataError: data-dir: cannot read /d/x.png (cannot identify image file)"
+    fault = {"partition": 1, "node": 5, "reason": "error", "detail": cause}
+    rows = [{"round": 1, "client_fault_details": [fault]}, {"round": 2}, {"round": 3}]
+    rows[2]["client_fault_details"] = [fault | {"detail": "partition-id=1: OSError: later"}]
+    assert fault_summary(rows) == (
+        "2 of 3 rounds had faults: partition 1 (DataError: data-dir: cannot read /d/x.png (cannot identify "
+        "image file))"
+    )
+    assert fault_summary(rows[1:2]) == ""
 
 
 def test_replies_are_aggregated_in_partition_order() -> None:
@@ -231,7 +249,17 @@ def test_faulty_clients_in_a_real_simulation(tiny_fmnist: Path, tmp_path: Path) 
         env=env,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("fedlayer: error: round 3: 1 valid client updates")
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert "\x1b[" not in proc.stderr, "no colour codes when stderr is not a terminal"
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("fedlayer: warning: ")]
+    assert len(warnings) == 2, proc.stderr[-3000:]  # one per fault, the round it happens
+    excluded = "fedlayer: warning: round {}: partition {} \\(node \\d+\\) excluded: {}"
+    assert re.fullmatch(excluded.format(1, 0, "FEDLAYER_TEST_FAULT: injected failure"), warnings[0]), warnings
+    assert re.fullmatch(excluded.format(2, 1, "nan: conv1.weight"), warnings[1]), warnings
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedlayer: error: round 3: 1 valid client updates")
+    assert "partition-id=0 shape (" in last and "partition-id=2 extra-keys (injected.extra)" in last
+    assert last.endswith(f"the last complete round is saved, continue with: fedlayer run --resume {out}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[0]["client_fault_reasons"] == {"error": 1} and rows[0]["faulty_partitions"] == [0]

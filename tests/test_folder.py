@@ -83,8 +83,26 @@ def test_class_folders_must_be_the_experiments_classes(tmp_path: Path) -> None:
 
 def test_missing_split_and_wrong_image_size_are_one_line_errors(tmp_path: Path) -> None:
     write_image(tmp_path / "train" / "Bag" / "0.png", size=32)
-    with pytest.raises(DataError, match=r"^data-dir: .*/test does not exist; expected .*/<class>/$"):
+    with pytest.raises(
+        DataError, match=r"^data-dir: 2 problems: .*/test does not exist; expected .*/<class>/; "
+    ):
         load_folder(tmp_path, "fashion_mnist")
     (tmp_path / "test").mkdir()
     with pytest.raises(DataError, match=r"^data-dir: .*0\.png is 32x32; expected 28x28$"):
         load_folder(tmp_path, "fashion_mnist")
+
+
+def test_every_problem_of_a_folder_is_reported_at_once(tmp_path: Path) -> None:
+    """A file that is not an image, images of the wrong size in both splits and a foreign class folder."""
+    write_image(tmp_path / "train" / "Bag" / "0.png")
+    (tmp_path / "train" / "Bag" / "x.png").write_text("not an image")
+    write_image(tmp_path / "train" / "Dress" / "9999.png", size=40)
+    write_image(tmp_path / "test" / "Coat" / "1.png", size=32)
+    (tmp_path / "test" / "cat").mkdir()
+    with pytest.raises(DataError) as err:
+        load_folder(tmp_path, "fashion_mnist")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data-dir: 4 problems: class folder(s) 'cat' in ")
+    assert f"cannot read {tmp_path / 'train' / 'Bag' / 'x.png'} (cannot identify image file)" in message
+    assert f"{tmp_path / 'train' / 'Dress' / '9999.png'} is 40x40; expected 28x28" in message
+    assert f"{tmp_path / 'test' / 'Coat' / '1.png'} is 32x32; expected 28x28" in message

@@ -1,7 +1,7 @@
 """The tree shows the architecture: which side may import what, and no import circles.
 
 Layers, lowest first: the contract layer (config, contract, models, layers, run.files), the data and torch
-helpers (data, training, experiment, flower, processes), the analysis maths, the aggregation side
+helpers (data, training, experiment, flower, processes, run.atomic), the analysis maths, the aggregation side
 (``strategies``, which reaches into fedlayer's contract layer only), the run files, the client side and the
 server side (peers: neither imports the other, except that the server prunes the clients' store in
 simulation), and on top the commands (simulation, deploy, compare, inputs, cli). Imports inside functions
@@ -31,6 +31,7 @@ BELOW_SIDES = (
     "fedlayer.experiment",
     "fedlayer.flower",
     "fedlayer.processes",
+    "fedlayer.run.atomic",  # the one write layer of every file a run writes
 )
 COMMANDS = ("fedlayer.simulation", "fedlayer.deploy", "fedlayer.compare", "fedlayer.inputs", "fedlayer.cli")
 SIDES = ("fedlayer.client", "fedlayer.server", "strategies")

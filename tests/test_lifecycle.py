@@ -4,22 +4,28 @@ checkpoint, and what a SIGKILLed run leaves running."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from sim_helpers import ROOT, assert_same_model, cli_args, env, metrics, run, start, wait_for_rows
 
-from fedlayer.cli import main
+from fedlayer.cli import _interrupted_line, main
 from fedlayer.config import load_config, to_toml
 from fedlayer.processes import ProcessRecord
+from fedlayer.run.atomic import NoSpaceLeft
 from fedlayer.run.files import CHECKPOINT, LOCK_FILE, SESSION_FILE
+from fedlayer.run.rundir import RunDir, save_arrays
 
 CLI = [sys.executable, "-m", "fedlayer.cli"]
 
@@ -97,6 +103,7 @@ def test_ctrl_c_stops_cleanly_and_resuming_equals_the_uninterrupted_run(
     output = (tmp_path / "stopped.log").read_text()
     assert proc.returncode == 130, output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert "(raylet)" not in output, "Ray's reports of the actors the stop ended belong in flower.log"
     last = output.strip().splitlines()[-1]
     assert last == (
         "fedlayer: interrupted; the last complete round is saved, continue with: "
@@ -111,6 +118,37 @@ def test_ctrl_c_stops_cleanly_and_resuming_equals_the_uninterrupted_run(
     run([*CLI, "run", "--resume", str(stopped)])
     assert metrics(stopped) == metrics(reference)
     assert_same_model(stopped / "model.pt", reference / "model.pt")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_with_exit_143_and_one_line(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """`kill PID`, `timeout`, systemd and `docker stop` send SIGTERM to the command's process only."""
+    out = tmp_path / "run"
+    proc = start(cli_args(tiny_fmnist, out), tmp_path / "run.log")
+    try:
+        wait_for_rows(out, 1, proc)
+        started = tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    output = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output and "SIGTERM received" not in output and "(raylet)" not in output
+    assert output.strip().splitlines()[-1] == (
+        f"fedlayer: interrupted; the last complete round is saved, continue with: fedlayer run --resume {out}"
+    )
+    assert running(started) == [], "Ray, its agents and the client actors are stopped"
+    assert not (out / LOCK_FILE).exists() and not (out / SESSION_FILE).exists()
+
+
+def test_an_interruption_before_the_first_round_says_how_to_start_again(tmp_path: Path) -> None:
+    line = _interrupted_line(RunDir(tmp_path))
+    assert line.endswith(
+        f"nothing to resume in {tmp_path}; to start again, run the same command with --overwrite"
+    )
 
 
 @pytest.mark.slow
@@ -210,3 +248,102 @@ def test_resume_stops_what_the_killed_run_left(tiny_fmnist: Path, tmp_path: Path
     ]
     assert all(f"({p.pid})" in line for p in left if is_ray_agent(p))
     assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "tensors"])
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary_file(kind: str, tmp_path: Path) -> None:
+    """ENOSPC from the kernel: the temporary file is a link to /dev/full (every write to it fails so)."""
+    run_dir = RunDir(tmp_path)
+
+    def write(value: float) -> None:
+        if kind == "text":
+            run_dir.write_json("summary.json", {"value": value})
+        else:
+            save_arrays(run_dir, CHECKPOINT, ArrayRecord({"w": Array(np.full(1000, value, np.float32))}))
+
+    name = "summary.json" if kind == "text" else CHECKPOINT
+    write(1.0)
+    before = (tmp_path / name).read_bytes()
+    (tmp_path / f"{name}.tmp").symlink_to("/dev/full")
+    with pytest.raises(NoSpaceLeft) as failed:
+        write(2.0)
+    message = str(failed.value)
+    assert message.startswith(f"cannot write {tmp_path / name}: no space left on ") and "MiB free" in message
+    assert "\n" not in message
+    assert (tmp_path / name).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real file system of ``size`` at ``mount`` (root only)."""
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=False)
+    if made.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until its file system is full."""
+    with open(path, "wb", buffering=0) as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0")
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(
+    tiny_fmnist: Path, tmp_path: Path
+) -> None:
+    """The run directory on a real 32 MB tmpfs that is filled up after round 1."""
+    with small_tmpfs(tmp_path / "small", "32m") as mount:
+        out = mount / "run"
+        proc = start(cli_args(tiny_fmnist, out, "federation.rounds=2"), tmp_path / "run.log")
+        try:
+            wait_for_rows(out, 1, proc)
+            proc.send_signal(signal.SIGSTOP)
+            fill(mount / "filler")
+            proc.send_signal(signal.SIGCONT)
+            proc.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        output = (tmp_path / "run.log").read_text()
+        assert proc.returncode == 1, output[-3000:]
+        assert "Traceback" not in output and "Logging error" not in output
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("fedlayer: error: ") and "no space left on tmpfs (mounted at " in last
+        assert last.endswith(
+            f"the last complete round is saved, free space, then continue with: fedlayer run --resume {out}"
+        )
+        assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
+        done = torch.load(out / CHECKPOINT, weights_only=True)["round"]
+        assert done >= 1 and [row["round"] for row in metrics(out)] == list(range(1, done + 1))
+        (mount / "filler").unlink()
+        run([*CLI, "run", "--resume", str(out)])
+        assert [row["round"] for row in metrics(out)] == [1, 2]
+        assert not (out / LOCK_FILE).exists()
+
+
+def test_console_log_has_no_colour_codes_off_a_terminal() -> None:
+    from flwr.common.logger import console_handler
+
+    from fedlayer import flower
+
+    flower.colour_on_terminal_only()  # pytest's stderr is not a terminal
+    record = logging.LogRecord("flwr", logging.WARNING, "", 0, "fedlayer: x", None, None)
+    assert console_handler.format(record) == "WARNING :   fedlayer: x"
+
+
+def test_the_ray_internals_the_simulation_replaces_are_there() -> None:
+    """simulation._ray_errors_to_log swaps Ray's printer of raylet errors; a Ray upgrade must keep it."""
+    from ray._private import worker
+
+    assert callable(worker.print_to_stdstream) and callable(worker.listen_error_messages)

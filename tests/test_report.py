@@ -16,9 +16,11 @@ import pytest
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from fedlayer.cli import main
+from fedlayer.compare import SweepRun, Variant
 from fedlayer.data.partition import partition_figure
 from fedlayer.run.plots import cumulative_figure, full_figure, predicted_figure, run_heatmap_figure
-from fedlayer.run.readers import read_barriers, read_landscape, read_metrics
+from fedlayer.run.readers import RunFileError, read_barriers, read_landscape, read_metrics
 from fedlayer.run.report import (
     accuracy_bands_figure,
     accuracy_figure,
@@ -335,3 +337,51 @@ def test_readers_keep_text_cells_and_read_missing_files_as_empty(run_dir: Path, 
         barriers.loc[barriers["kind"] == "full", "base"]
     ) == {""}
     assert read_barriers(tmp_path).empty and read_metrics(tmp_path).empty and read_landscape(tmp_path).empty
+
+
+def report_lines(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    code = main(["report", str(path)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_cut_off_last_row_is_skipped_with_a_warning_naming_file_and_line(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a crash or a full disk leaves: the last row without its end."""
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"round": 5, "global_a')
+    code, err = report_lines(run_dir, capsys)
+    assert code == 0
+    cut = f"{metrics}: line 5 is cut off (a crash or a full disk while it was written); skipped"
+    assert err == [f"fedlayer: warning: {cut}"]
+    assert read_metrics(run_dir)["round"].tolist() == [1, 2, 3, 4]
+
+
+def test_a_damaged_row_in_the_middle_is_one_line_naming_file_and_line(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join([*lines[:2], '{"round": 3, "glo\n', *lines[3:]]))
+    code, err = report_lines(run_dir, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(f"fedlayer: error: {metrics}: line 3 is not a JSON row (")
+
+
+def test_an_empty_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "metrics.jsonl").write_text("")
+    code, err = report_lines(tmp_path, capsys)
+    assert code == 0
+    assert err == [
+        f"fedlayer: warning: {tmp_path / 'metrics.jsonl'} has no rows: no round of {tmp_path} completed"
+    ]
+
+
+def test_a_damaged_summary_of_a_compare_run_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    write_compare(out)
+    summary = out / "runs" / "fedavg-seed1" / "summary.json"
+    summary.write_text('{"status": "fini')
+    with pytest.raises(RunFileError) as err:
+        SweepRun(Variant.parse("fedavg"), 1, summary.parent).finished()
+    assert str(err.value).startswith(f"{summary}: not a JSON file (")

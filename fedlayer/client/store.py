@@ -14,12 +14,13 @@ loads the older one). Clients drop older files when they save; the server prunes
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from fedlayer.run.atomic import torch_bytes, write_atomic
 
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
 STATE_PREFIX = "state."  # keys of a recipe's client state in a saved file: "state.<name>.<key>"
@@ -69,9 +70,7 @@ class PersonalStore:
                 "give the SuperNode a writable node config state-dir"
             ) from err
         path = folder / f"round-{server_round:06d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, torch_bytes(state))
         older = [p for r, p in self._files(partition_id) if r < server_round]
         _unlink(older[:-1])
 

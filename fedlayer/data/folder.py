@@ -28,19 +28,39 @@ def class_folders(dataset: str) -> list[str]:
     return [name.replace("/", "_") for name in class_names(dataset)]
 
 
+SHOWN_PROBLEMS = 5  # a folder's problems listed in its error; the rest are counted
+
+
 def check_folder(root: Path, dataset: str, field: str = "data-dir") -> None:
-    """DataError (one line naming ``field``) unless ``root`` is an ImageFolder tree of ``dataset``."""
+    """DataError (one line naming ``field``) unless ``root`` is an ImageFolder tree of ``dataset``; every
+    problem of the tree is in it, not just the first."""
+    if problems := _layout_problems(root, dataset):
+        raise DataError(_problems_line(field, problems))
+
+
+def _layout_problems(root: Path, dataset: str) -> list[str]:
     allowed = class_folders(dataset)
+    problems = []
     for split in SPLITS:
         directory = root / split
         if not directory.is_dir():
-            raise DataError(f"{field}: {directory} does not exist; expected {root}/{{train,test}}/<class>/")
+            problems.append(f"{directory} does not exist; expected {root}/{{train,test}}/<class>/")
+            continue
         unknown = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name not in allowed)
         if unknown:
-            raise DataError(
-                f"{field}: class folder(s) {', '.join(map(repr, unknown))} in {directory} are not classes "
+            problems.append(
+                f"class folder(s) {', '.join(map(repr, unknown))} in {directory} are not classes "
                 f"of {dataset}; allowed: {', '.join(map(repr, allowed))}"
             )
+    return problems
+
+
+def _problems_line(field: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{field}: {problems[0]}"
+    shown = "; ".join(problems[:SHOWN_PROBLEMS])
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    return f"{field}: {len(problems)} problems: {shown}{more}"
 
 
 def load_folder(root: str | Path, dataset: str, normalize: str = "dataset") -> tuple[TensorData, TensorData]:
@@ -50,21 +70,31 @@ def load_folder(root: str | Path, dataset: str, normalize: str = "dataset") -> t
 
 @lru_cache(maxsize=2)  # a simulation's client actors ask every round
 def _load_folder(root: str, dataset: str, normalize: str) -> tuple[TensorData, TensorData]:
-    check_folder(Path(root), dataset)
-    train, test = (_load_split(Path(root) / split, dataset, normalize) for split in SPLITS)
+    problems = _layout_problems(Path(root), dataset)
+    loaded = [_load_split(Path(root) / split, dataset, normalize) for split in SPLITS]
+    problems += [problem for _, split_problems in loaded for problem in split_problems]
+    if problems:
+        raise DataError(_problems_line("data-dir", problems))
+    train, test = (data for data, _ in loaded)
     return train, test
 
 
-def _load_split(directory: Path, dataset: str, normalize: str) -> TensorData:
+def _load_split(directory: Path, dataset: str, normalize: str) -> tuple[TensorData, list[str]]:
+    """The split's images, and the problem of every image that cannot be used."""
     label_of = {name: label for label, name in enumerate(class_folders(dataset))}
-    samples = sorted(make_dataset(directory, label_of, IMG_EXTENSIONS, allow_empty=True), key=_file_order)
+    found = make_dataset(directory, label_of, IMG_EXTENSIONS, allow_empty=True) if directory.is_dir() else []
+    samples = sorted(found, key=_file_order)
     channels, size = image_shape(dataset)
     images = np.zeros((len(samples), size, size, channels), dtype=np.uint8)
+    problems = []
     for i, (path, _) in enumerate(samples):
-        images[i] = _read(Path(path), channels, size)
+        try:
+            images[i] = _read(Path(path), channels, size)
+        except DataError as err:
+            problems.append(str(err))
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     y = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return TensorData(normalized(x, dataset, normalize), y, len(label_of), class_names(dataset))
+    return TensorData(normalized(x, dataset, normalize), y, len(label_of), class_names(dataset)), problems
 
 
 def _file_order(sample: tuple[str, int]) -> tuple[bool, int, str, int]:
@@ -73,11 +103,18 @@ def _file_order(sample: tuple[str, int]) -> tuple[bool, int, str, int]:
 
 
 def _read(path: Path, channels: int, size: int) -> np.ndarray:
-    with Image.open(path) as image:
-        if image.size != (size, size):
-            raise DataError(f"data-dir: {path} is {image.size[0]}x{image.size[1]}; expected {size}x{size}")
-        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            if image.size != (size, size):
+                raise DataError(f"{path} is {image.size[0]}x{image.size[1]}; expected {size}x{size}")
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except OSError as err:  # not an image (PIL's UnidentifiedImageError), cut off, unreadable
+        raise DataError(f"cannot read {path} ({_reason(err)})") from None
     return array.reshape(size, size, channels)
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err).split(" '")[0] or type(err).__name__
 
 
 def export_partition(train: TensorData, test: TensorData, dataset: str, normalize: str, out: Path) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from fedlayer.config import PARTITIONERS, DataConfig
 from fedlayer.data.sources import DataError
+from fedlayer.run.atomic import save_figure, write_atomic
 from fedlayer.run.files import PARTITION, PARTITION_PLOT
 
 # datasets / flwr-datasets are imported where used: TensorData users (GPU benchmarks without Flower
@@ -294,8 +295,8 @@ def write_partition_report(
     # One client per line: readable, and still small for hundreds of clients x 100 classes.
     body = ",\n".join(f"    {json.dumps(c)}" for c in clients)
     text = json.dumps(head, indent=2)[:-2] + f',\n  "clients": [\n{body}\n  ]\n}}\n'
-    (run_dir / PARTITION).write_text(text)
-    partition_plot(head | {"clients": clients}).savefig(run_dir / PARTITION_PLOT, dpi=110)
+    write_atomic(run_dir / PARTITION, text)
+    save_figure(partition_plot(head | {"clients": clients}), run_dir / PARTITION_PLOT, dpi=110)
 
 
 def partition_plot(report: Mapping[str, Any], class_names: Sequence[str] = ()) -> Figure:

@@ -157,12 +157,17 @@ def _ready(spec: _Spec, root: Path) -> Path:
 
 
 def _download(spec: _Spec, root: Path) -> str:
-    """Download with torchvision into ``root``; returns "" on success, else a one-line reason."""
+    """Download with torchvision into ``root``; returns "" on success, else a one-line reason. A failed
+    download leaves nothing behind: the folders it created (torchvision makes them first) are removed."""
+    folder = _folder(spec, root)
+    new = next((p for p in (*reversed(folder.parents), folder) if not p.exists()), None)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         spec.cls(str(root), train=True, download=True)
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ... for the same cause
+        if new is not None:
+            shutil.rmtree(new, ignore_errors=True)
         return " ".join(str(err).split())[:300] or type(err).__name__
     finally:
         socket.setdefaulttimeout(previous)

@@ -10,19 +10,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import re
 import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from fedlayer.config import Config, ConfigError, load_config
 from fedlayer.deploy.flwr_cli import DeployError, RunOutcome, tail
 from fedlayer.deploy.local import HOST, LocalDeployment, TlsFiles, check_options, default_app_dir
 from fedlayer.inputs import add_config, add_out, check_before_start, check_out, load, positive_int
+from fedlayer.processes import exit_code, raise_signalled
 from fedlayer.run.files import CONFIG_RESOLVED, DEPLOY, FLOWER_LOG, METRICS
 
 
@@ -108,9 +110,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         except DeployError as err:
             print(f"fedlayer deploy: error: {err}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             print("fedlayer deploy: interrupted; the deployment was shut down", file=sys.stderr)
-            return 130
+            return exit_code(stop)
     return report(outcome, out)
 
 
@@ -141,6 +143,7 @@ def _deploy_and_run(
 
 def report(outcome: RunOutcome, out: Path) -> int:
     """Write ``deploy.json``, print the outcome; the exit code (1 unless the run completed)."""
+    from fedlayer.run.progress import fault_summary
     from fedlayer.run.rundir import RunDir
 
     run = RunDir(out)
@@ -149,14 +152,28 @@ def report(outcome: RunOutcome, out: Path) -> int:
     print(f"run directory: {out}")
     if not outcome.ok:
         print(f"deploy: run {outcome.run_id} {outcome.status}: {outcome.details}", file=sys.stderr)
-        print(tail(out / FLOWER_LOG), file=sys.stderr)
+        print(_failure(out / FLOWER_LOG) or tail(out / FLOWER_LOG), file=sys.stderr)
         return 1
     rows = run.read_jsonl()
     if rows:
         last = rows[-1]
         keys = [k for k in ("global_acc", "personalized_acc", "train_loss") if k in last]
         print(f"final round {last['round']}: " + ", ".join(f"{k} {last[k]:.4f}" for k in keys))
+    if faults := fault_summary(rows):
+        logging.getLogger(__name__).warning(faults)
     return 0
+
+
+def _failure(server_log: Path) -> str:
+    """The ServerApp's one-line failure in its log (too few valid client updates, a full disk), without
+    the traceback Flower logs around it; "" when it failed otherwise."""
+    from fedlayer.run.atomic import NoSpaceLeft
+    from strategies.mechanism import RoundFailedError
+
+    names = "|".join(error.__name__ for error in (RoundFailedError, NoSpaceLeft))
+    text = server_log.read_text(errors="replace") if server_log.exists() else ""
+    found = re.findall(rf"\b(?:{names}): (.*)", text)
+    return f"fedlayer deploy: error: {found[-1].strip()}" if found else ""
 
 
 def _progress_from_metrics(out: Path, update: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
@@ -197,12 +214,9 @@ def _stop_on_signals() -> Iterator[None]:
     on after its caller's SIGINT, and its SuperLink and SuperNodes with it.
     """
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
     signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = {sig: signal.signal(sig, interrupt) for sig in signals}
+        previous = {sig: signal.signal(sig, raise_signalled) for sig in signals}
     except ValueError:  # not the main thread
         yield
         return

@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fedlayer.contract import GLOBAL
 from fedlayer.run import files
+from fedlayer.run.atomic import save_figure
 from fedlayer.run.files import LAYERS_BY_ROUND, SHARED_BLOCKS_PLOT
 from fedlayer.run.readers import midpoint, read_barriers, read_json, read_landscape
 
@@ -236,8 +237,7 @@ def predicted_figure(landscape: pd.DataFrame) -> Figure | None:
 
 
 def save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_analysis(run_dir: Path) -> list[Path]:

@@ -7,6 +7,7 @@ row per run; figures are matplotlib ``Figure`` objects (no pyplot state).
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from fedlayer.config import ConfigError
+from fedlayer.run.atomic import save_figure, write_atomic
 from fedlayer.run.files import (
     ACCURACY_PLOT,
     BARRIER_HEATMAPS,
@@ -41,6 +43,8 @@ from fedlayer.run.readers import (
     read_landscape,
     read_metrics,
 )
+
+log = logging.getLogger(__name__)
 
 POOLED = "Σ correct / Σ test samples over all clients (PFLlib's number)"
 # metrics.jsonl keys of a run's accuracy plot, with their legend
@@ -83,8 +87,7 @@ def plot_accuracy(run_dir: Path) -> Path | None:
     fig = accuracy_figure(read_metrics(run_dir), Path(run_dir).name)
     if fig is None:
         return None
-    fig.savefig(Path(run_dir) / ACCURACY_PLOT, dpi=120)
-    return Path(run_dir) / ACCURACY_PLOT
+    return save_figure(fig, Path(run_dir) / ACCURACY_PLOT, dpi=120)
 
 
 def known_class_names(run_dir: Path) -> tuple[str, ...]:
@@ -109,8 +112,7 @@ def render_run(run_dir: Path) -> list[Path]:
     partition = read_json(run_dir / PARTITION)
     if partition:
         names = () if partition.get("class_names") else known_class_names(run_dir)
-        partition_plot(partition, names).savefig(run_dir / PARTITION_PLOT, dpi=110)
-        made.append(run_dir / PARTITION_PLOT)
+        made.append(save_figure(partition_plot(partition, names), run_dir / PARTITION_PLOT, dpi=110))
     return made + plot_analysis(run_dir) + write_prediction_table(run_dir)
 
 
@@ -166,12 +168,12 @@ def write_prediction_table(run_dir: Path) -> list[Path]:
     table = prediction_table(read_landscape(run_dir))
     if table.empty:
         return []
-    table.to_csv(run_dir / PREDICTION_CSV, index=False)
+    write_atomic(run_dir / PREDICTION_CSV, table.to_csv(index=False))
     header = (
         "Predicted (−⅛ ΔᵀHΔ, Hessian at the path midpoint) vs measured midpoint barrier of the single-block"
         " path, per block over rounds and pairs; ratio = measured / predicted.\n\n"
     )
-    (run_dir / PREDICTION).write_text(header + markdown(table))
+    write_atomic(run_dir / PREDICTION, header + markdown(table))
     return [run_dir / PREDICTION_CSV, run_dir / PREDICTION]
 
 
@@ -339,8 +341,8 @@ def table_markdown(table: pd.DataFrame) -> str:
 
 def write_table(out: Path, table: pd.DataFrame) -> None:
     """table.csv (raw values: accuracies as fractions, bytes) and table.md (as :data:`FORMATS` shows them)."""
-    table.to_csv(out / TABLE_CSV, index=False, float_format="%.6g")
-    (out / TABLE).write_text(table_markdown(table))
+    write_atomic(out / TABLE_CSV, table.to_csv(index=False, float_format="%.6g"))
+    write_atomic(out / TABLE, table_markdown(table))
 
 
 # ----------------------------------------------------------------------------- compare plots
@@ -432,10 +434,10 @@ def write_report(out: Path) -> None:
     groups = discover(out)
     table = summary_table(groups)
     write_table(out, table)
-    accuracy_bands_figure(groups).savefig(out / ACCURACY_PLOT, dpi=120)
+    save_figure(accuracy_bands_figure(groups), out / ACCURACY_PLOT, dpi=120)
     heatmaps = compare_heatmap_figure(groups)
     if heatmaps is not None:
-        heatmaps.savefig(out / BARRIER_HEATMAPS, dpi=120)
+        save_figure(heatmaps, out / BARRIER_HEATMAPS, dpi=120)
     first = next(iter(groups.values()))[0]
     setup = (first / CONFIG_RESOLVED).read_text()
     lines = [
@@ -456,7 +458,7 @@ def write_report(out: Path) -> None:
     if heatmaps is not None:
         lines += ["![layer-wise barriers](barrier_heatmaps.png)", ""]
     lines += ["## Setup (first run's resolved config)", "", "```toml", setup.strip(), "```", ""]
-    (out / REPORT).write_text("\n".join(lines))
+    write_atomic(out / REPORT, "\n".join(lines))
 
 
 def render(path: Path) -> list[Path]:
@@ -467,5 +469,7 @@ def render(path: Path) -> list[Path]:
         write_report(path)
         return [*made, path / REPORT]
     if (path / METRICS).exists():
+        if read_metrics(path).empty:
+            log.warning("%s has no rows: no round of %s completed", path / METRICS, path)
         return render_run(path)
     raise ConfigError(f"report: {str(path)!r} is neither a run directory nor a compare directory")

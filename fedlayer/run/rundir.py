@@ -1,10 +1,9 @@
-"""A run directory: created once, written atomically (file names: :mod:`fedlayer.run.files`; reading:
-:mod:`fedlayer.run.readers`)."""
+"""A run directory: created once, written atomically (file names: :mod:`fedlayer.run.files`; writing:
+:mod:`fedlayer.run.atomic`; reading: :mod:`fedlayer.run.readers`)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedlayer.config import ConfigError
+from fedlayer.run.atomic import append_text, torch_bytes, write_atomic
 from fedlayer.run.files import LOCK_FILE, METRICS, TENSORBOARD
 from fedlayer.run.readers import read_jsonl
 
@@ -42,16 +42,13 @@ class RunDir:
         self._atomic_write(name, text)
 
     def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
-        with open(self.file(name), "a") as fh:
-            fh.write(json.dumps(row, default=_jsonable) + "\n")
+        append_text(self.file(name), json.dumps(row, default=_jsonable) + "\n")
 
     def read_jsonl(self, name: str = METRICS) -> list[dict[str, Any]]:
         return read_jsonl(self.file(name))
 
     def _atomic_write(self, name: str, text: str) -> None:
-        tmp = self.file(name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.file(name))
+        write_atomic(self.file(name), text)
 
 
 def _jsonable(value: Any) -> Any:
@@ -64,11 +61,7 @@ def _jsonable(value: Any) -> Any:
 
 def save_arrays(run: RunDir, name: str, arrays: ArrayRecord) -> None:
     """A state dict (torch.save of tensors only: loads with ``torch.load(weights_only=True)``)."""
-    import torch
-
-    tmp = run.file(name + ".tmp")
-    torch.save(arrays.to_torch_state_dict(), tmp)
-    os.replace(tmp, run.file(name))
+    write_atomic(run.file(name), torch_bytes(arrays.to_torch_state_dict()))
 
 
 class TensorBoardLog:

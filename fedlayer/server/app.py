@@ -202,6 +202,14 @@ def app_path(config: str) -> Path:
     return Path(__file__).resolve().parents[2] / path
 
 
+class _RunLog(logging.FileHandler):
+    """``flower.log``. A record it cannot write (a full disk) is dropped without logging's traceback on
+    stderr: the run ends with its own one-line error for the file it could not write."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def log_flower_to(run: RunDir) -> None:
     """Flower's INFO log (and fedlayer's, which uses Flower's logger) also goes to ``RUN_DIR/flower.log``."""
     logger = logging.getLogger(flower.LOGGER)
@@ -209,7 +217,7 @@ def log_flower_to(run: RunDir) -> None:
         if isinstance(handler, logging.FileHandler):
             logger.removeHandler(handler)  # a previous run's file, in this process
             handler.close()
-    file_handler = logging.FileHandler(run.file(files.FLOWER_LOG))
+    file_handler = _RunLog(run.file(files.FLOWER_LOG))
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(file_handler)

@@ -14,7 +14,6 @@ that trained in round k; on resume it deletes states of rounds > k (written afte
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from fedlayer.client.store import PersonalStore
 from fedlayer.config import ConfigError
 from fedlayer.contract import partition_of
 from fedlayer.flower import STRATEGY_STATE
+from fedlayer.run.atomic import torch_bytes, write_atomic
 from fedlayer.run.files import CHECKPOINT, CLIENT_STATE, CONFIG_RESOLVED, METRICS
 from fedlayer.run.rundir import RunDir
 from strategies.mechanism import PartialStrategy, RoundObserver
@@ -67,9 +67,7 @@ def save_checkpoint(run: RunDir, server_round: int, arrays: ArrayRecord, strateg
         "metrics": run.file(METRICS).read_text() if run.file(METRICS).exists() else "",
         "row_files": {p.name: p.stat().st_size for p in _row_files(run)},
     }
-    tmp = run.file(CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, run.file(CHECKPOINT))
+    write_atomic(run.file(CHECKPOINT), torch_bytes(payload))
 
 
 def load_checkpoint(run: RunDir) -> Checkpoint:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import os
 import traceback
@@ -27,6 +28,7 @@ from fedlayer.analysis.landscape import LandscapeRow, landscape
 from fedlayer.config import AnalysisConfig, Config
 from fedlayer.contract import GLOBAL
 from fedlayer.flower import LOGGER
+from fedlayer.run.atomic import append_text, write_atomic
 from fedlayer.run.files import ANALYSIS_ERRORS, BARRIERS, LANDSCAPE
 
 State = dict[str, torch.Tensor]
@@ -138,12 +140,15 @@ class CsvLog:
     def __init__(self, path: Path, columns: list[str]) -> None:
         self.path, self.columns = path, columns
         if not path.exists():
-            with open(path, "w", newline="") as fh:
-                csv.DictWriter(fh, columns).writeheader()
+            write_atomic(path, self._text(lambda writer: writer.writeheader()))
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerows(rows)
+        append_text(self.path, self._text(lambda writer: writer.writerows(rows)))
+
+    def _text(self, write: Callable[[csv.DictWriter[str]], object]) -> str:
+        text = io.StringIO(newline="")
+        write(csv.DictWriter(text, self.columns, extrasaction="ignore"))
+        return text.getvalue()
 
 
 class AnalysisHook:
@@ -227,8 +232,7 @@ class AnalysisHook:
         """A failing analysis never stops training unless ``analysis.strict``."""
         self.failures += 1
         text = "".join(traceback.format_exception(err))
-        with open(self.run_dir / ANALYSIS_ERRORS, "a") as fh:
-            fh.write(f"round {server_round}:\n{text}\n")
+        append_text(self.run_dir / ANALYSIS_ERRORS, f"round {server_round}:\n{text}\n")
         if self.cfg.analysis.strict:
             raise RuntimeError(
                 f"analysis of round {server_round} failed (analysis.strict = true): {err}"

@@ -111,6 +111,10 @@ class RoundRecorder(RoundObserver):
             self.row["faulty_partitions"] = sorted(
                 f.partition_id for f in faults if f.partition_id is not None
             )
+            self.row["client_fault_details"] = [
+                {"partition": f.partition_id, "node": f.node_id, "reason": f.reason, "detail": f.detail}
+                for f in faults
+            ]
 
     def on_evaluate_messages(self, server_round: int, messages: Sequence[Message]) -> None:
         self.row["bytes_down"] = self.row.get("bytes_down", 0) + _payload(messages)
