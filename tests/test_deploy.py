@@ -638,36 +638,26 @@ def assert_worst_client_kept_its_model(rows: list[dict[str, float]]) -> None:
 
 
 @slow
-def test_personal_layers_survive_a_supernode_restart(tiny_fmnist: Path, tmp_path: Path) -> None:
-    """SuperNode 1 is SIGKILLed after round 1 and started again: its layers come back from its state-dir.
+def test_personal_layers_and_client_state_survive_a_supernode_restart(
+    tiny_fmnist: Path, tmp_path: Path
+) -> None:
+    """SuperNode 1 is SIGKILLed after round 1 and started again: its personal layers and Ditto's personal
+    model (client state) come back from its state-dir.
 
-    `local` keeps every layer personal, so a client that lost its state starts from the initial model (the
-    global model: nothing is averaged). (With FedPer it would not show here: the tiny data's trained body
-    works with the initial head as well.)
-    """
-    overrides = [
-        *experiment(tiny_fmnist, rounds=3),
-        "strategy.name='local'",
-        "federation.min_train_clients=1",
-    ]
-    rows, _ = restarted_deployment(tmp_path, overrides)
-    assert_worst_client_kept_its_model(rows)
-
-
-@slow
-def test_ditto_personal_model_survives_a_supernode_restart(tiny_fmnist: Path, tmp_path: Path) -> None:
-    """Ditto's personal model is client state in the SuperNode's store: it survives SIGKILL and restart.
-
-    Each client relabels its data by its own permutation (concept shift), so the averaged model fits
-    neither client, and a client that lost its personal model would evaluate one (Ditto starts the
-    personal model from the received one). With PFLlib's mu = 0 the personal model is the client's own.
+    Ditto, with the head kept personal too (strategy.exclude), so the store holds both kinds. Each client
+    relabels its data by its own permutation (concept shift), so the averaged model fits neither client, and
+    a client that lost its personal model would evaluate one (Ditto starts the personal model from the
+    received one). With PFLlib's mu = 0 the personal model is the client's own.
     """
     overrides = [
         *experiment(tiny_fmnist, rounds=3),
         "strategy.name='ditto'",
+        "strategy.exclude=['group:head']",
         "data.label_shift='permute'",
         "federation.min_train_clients=1",
     ]
     rows, after_restart = restarted_deployment(tmp_path, overrides)
-    assert any(k.startswith("state.personal.") for k in torch.load(after_restart[-1], weights_only=True))
+    saved = torch.load(after_restart[-1], weights_only=True)
+    assert any(k.startswith("state.personal.") for k in saved)
+    assert {"fc2.weight", "fc2.bias"} <= saved.keys()  # the cnn's head: personal layers
     assert_worst_client_kept_its_model(rows)

@@ -32,20 +32,22 @@ TINY = ("federation.clients=3", "federation.fraction_train=1.0")
 
 
 def args(data: Path, out: Path, name: str) -> list[str]:
-    return cli_args(data, out, *TINY, f"strategy.name='{name}'", *METHODS[name])
+    return cli_args(data, out, *TINY, "federation.rounds=3", f"strategy.name='{name}'", *METHODS[name])
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+# One method with client state (FedALA, whose first round differs), one with a model extension and state
+# (FedDBE); Ditto's state and FedRoD's extension take the same paths (CI's time budget).
+@pytest.mark.parametrize("name", ["fedala", "feddbe"])
 def test_method_resumes_after_sigkill_to_the_uninterrupted_result(
     name: str, tiny_fmnist: Path, tmp_path: Path
 ) -> None:
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run(args(tiny_fmnist, reference, name))
-    assert run_until_killed(args(tiny_fmnist, killed, name), killed, after_rows=2) < 4
+    assert run_until_killed(args(tiny_fmnist, killed, name), killed, after_rows=2) < 3
     run([sys.executable, "-m", "fedlayer.cli", "run", "--resume", str(killed)])
     rows = metrics(killed)
     assert rows == metrics(reference)
-    assert [r["round"] for r in rows] == [1, 2, 3, 4] and all(r["clients_trained"] == 3 for r in rows)
+    assert [r["round"] for r in rows] == [1, 2, 3] and all(r["clients_trained"] == 3 for r in rows)
     assert_same_model(killed / "model.pt", reference / "model.pt")
     states = sorted((killed / "clients").glob("partition-*/*.pt"))
     assert states
