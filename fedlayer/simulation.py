@@ -122,7 +122,7 @@ def backend_config(cfg: Config) -> dict[str, object]:
     return {"client_resources": {"num_cpus": f.client_cpus, "num_gpus": f.client_gpus}, "init_args": init}
 
 
-# ClientApps that moved: a run directory written before the move still resumes (its resolved config names them).
+# ClientApps that moved: a run directory written before the move still resumes (its config names them).
 MOVED_CLIENT_APPS = {"fedlayer.client_app:app": "fedlayer.client.app:app"}
 
 
