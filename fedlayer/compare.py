@@ -193,6 +193,15 @@ def compare(
 
     variants = [Variant.parse(spec) for spec in specs]
     check_inputs(config, variants, seeds, overrides, out)
+    write_manifest(config, variants, seeds, overrides, out)
+    sweep(config, variants, seeds, overrides, out, tensorboard=tensorboard)
+    write_report(out)
+
+
+def write_manifest(
+    config: str, variants: Sequence[Variant], seeds: Sequence[int], overrides: Sequence[str], out: Path
+) -> None:
+    """``out/sweep.json``: what the compare directory holds (``fedlayer report`` and resuming read it)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(out, variants, seeds)
     manifest = {
@@ -204,8 +213,6 @@ def compare(
         ],
     }
     (out / SWEEP).write_text(json.dumps(manifest, indent=2) + "\n")
-    sweep(config, variants, seeds, overrides, out, tensorboard=tensorboard)
-    write_report(out)
 
 
 # ----------------------------------------------------------------------------- commands (arguments: cli.py)
@@ -218,11 +225,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         compare(args.config, specs, seeds, args.overrides, out, tensorboard=args.tensorboard)
     except SweepStopped as stop:
-        print(
-            f"fedlayer: interrupted; the finished runs in {out} are kept, the same command continues the "
-            "sweep (the interrupted run starts over)",
-            file=sys.stderr,
-        )
+        print(stopped_message(out), file=sys.stderr)
         return 128 + stop.signum
     print((out / TABLE).read_text())
     print(f"report: {out / 'report.md'}")
@@ -239,6 +242,13 @@ def _seeds(text: str) -> list[int]:
 def _split_specs(text: str) -> list[str]:
     """Split on commas outside [...] and {...} (lists in a variant's overrides keep their commas)."""
     return [s.strip() for s in re.split(r",(?![^\[]*\])(?![^{]*\})", text)]
+
+
+def stopped_message(out: Path) -> str:
+    return (
+        f"fedlayer: interrupted; the finished runs in {out} are kept, the same command continues the "
+        "sweep (the interrupted run starts over)"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:

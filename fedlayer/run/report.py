@@ -23,6 +23,7 @@ from fedlayer.run.files import (
     ACCURACY_PLOT,
     BARRIER_HEATMAPS,
     CONFIG_RESOLVED,
+    GRID,
     METRICS,
     PARTITION,
     PARTITION_PLOT,
@@ -460,12 +461,19 @@ def write_report(out: Path) -> None:
 
 
 def render(path: Path) -> list[Path]:
-    """``fedlayer report DIR``: a compare directory (its runs, then table and report) or a run directory."""
+    """``fedlayer report DIR``: a grid directory (its settings, then matrix and report), a compare directory
+    (its runs, then table and report) or a run directory."""
     path = Path(path)
+    if (path / GRID).exists():
+        from fedlayer.run.grid_report import write_grid_report
+
+        settings = [path / entry["path"] for entry in read_json(path / GRID)["settings"]]
+        made = [file for folder in settings if (folder / SWEEP).exists() for file in render(folder)]
+        return made + write_grid_report(path)
     if (path / SWEEP).exists():
         made = [file for runs in discover(path).values() for run in runs for file in render_run(run)]
         write_report(path)
         return [*made, path / REPORT]
     if (path / METRICS).exists():
         return render_run(path)
-    raise ConfigError(f"report: {str(path)!r} is neither a run directory nor a compare directory")
+    raise ConfigError(f"report: {str(path)!r} is not a run, compare or grid directory")
