@@ -129,7 +129,7 @@ def matrix_figure(matrix: pd.DataFrame, seeds: int) -> Figure:
     fig.colorbar(image, ax=ax, label="regret: best of the setting − this (points)")
     over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     fig.suptitle(
-        f"Final pooled personalized accuracy (%), {over}; #rank in the setting, best framed red",
+        f"Final pooled personalized accuracy (%), {over}\n#rank in the setting; the best framed red",
         fontsize=9,
     )
     return fig
