@@ -187,3 +187,21 @@ def test_a_tiny_grid_through_the_cli(
     assert main(["report", str(out)]) == 0
     assert (out / "matrix.md").read_text() == matrix_md and (out / "report.md").read_text() == report_md
     assert (out / "matrix.png").exists()
+
+
+def test_settings_choose_a_subset_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(
+        "[grid]\nstrategies = ['fedavg']\n[grid.settings.a]\n[grid.settings.b]\n[grid.settings.c]\n"
+    )
+    grid = Grid.read(path)
+    assert [s.name for s in grid.only(["c", "a"]).settings] == ["a", "c"]
+    assert grid.only([]) == grid
+    with pytest.raises(ConfigError, match="--settings: 'd' is not a setting of the grid; settings: a, b, c"):
+        grid.only(["d"])
+
+
+def test_the_shipped_grid_has_the_issues_settings() -> None:
+    grid = Grid.read(ROOT / "experiments" / "grid.toml")
+    assert len(grid.settings) == 8 and grid.seeds == (0, 1) and len(grid.strategies) == 9
+    assert grid.experiment["model"] == {"name": "pfllib_cnn", "norm": "batch"}  # FedBN's norms for all
