@@ -219,8 +219,8 @@ def write_manifest(
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    seeds = _seeds(args.seeds)
-    specs = [s for s in _split_specs(args.strategies) if s]
+    seeds = parse_seeds(args.seeds)
+    specs = [s for s in split_specs(args.strategies) if s]
     out = Path(args.out or f"runs/compare-{Path(args.config).stem}")
     try:
         compare(args.config, specs, seeds, args.overrides, out, tensorboard=args.tensorboard)
@@ -232,14 +232,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
     seeds = [parse_value(s.strip()) for s in text.split(",") if s.strip()]
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"--seeds: {text!r} is not a comma-separated list of integers")
     return seeds
 
 
-def _split_specs(text: str) -> list[str]:
+def split_specs(text: str) -> list[str]:
     """Split on commas outside [...] and {...} (lists in a variant's overrides keep their commas)."""
     return [s.strip() for s in re.split(r",(?![^\[]*\])(?![^{]*\})", text)]
 

@@ -33,9 +33,9 @@ from typing import Any
 from fedlayer.compare import (
     SweepStopped,
     Variant,
-    _seeds,
-    _split_specs,
     check_inputs,
+    parse_seeds,
+    split_specs,
     stopped_message,
     sweep,
     write_manifest,
@@ -213,8 +213,8 @@ def run_grid(
 
 def cmd_grid(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/grid-{Path(args.grid).stem}")
-    specs = [s for s in _split_specs(args.strategies or "") if s]
-    seeds = _seeds(args.seeds) if args.seeds else []
+    specs = [s for s in split_specs(args.strategies or "") if s]
+    seeds = parse_seeds(args.seeds) if args.seeds else []
     names = [s.strip() for s in (args.settings or "").split(",") if s.strip()]
     try:
         run_grid(args.grid, out, args.overrides, strategies=specs, seeds=seeds, settings=names)
