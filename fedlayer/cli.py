@@ -1,4 +1,4 @@
-"""``fedlayer`` command line: run | cleanup | partitions | compare | report | deploy | config."""
+"""``fedlayer`` command line: run | cleanup | partitions | compare | grid | report | deploy | config."""
 
 from __future__ import annotations
 
@@ -73,8 +73,24 @@ def _add_compare_parsers(sub: Any) -> None:
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     add_out(cmp, "compare directory, new or one to resume (default: runs/compare-<config>)")
     cmp.add_argument("--tensorboard", action="store_true", help="per-round TensorBoard logs in every run")
-    rep = sub.add_parser("report", help="re-render plots and report of a run or compare directory")
-    rep.add_argument("dir", help="run directory or compare directory")
+    grid = sub.add_parser(
+        "grid", help="run strategies x seeds x named settings (a grid TOML) and write a matrix and a report"
+    )
+    grid.add_argument("grid", help="grid TOML: a base experiment plus [grid] strategies, seeds, settings")
+    grid.add_argument("--strategies", help="comma-separated; replaces the grid file's list")
+    grid.add_argument("--seeds", help="comma-separated seeds; replace the grid file's list")
+    grid.add_argument("--settings", help="comma-separated setting names: run only these")
+    grid.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value in every cell (after the setting's own overrides; repeatable)",
+    )
+    add_out(grid, "grid directory, new or one to resume (default: runs/grid-<grid file>)")
+    rep = sub.add_parser("report", help="re-render plots and report of a run, compare or grid directory")
+    rep.add_argument("dir", help="run, compare or grid directory")
 
 
 def _default_out(config_path: str) -> Path:
@@ -294,11 +310,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_command(name: str) -> Callable[[argparse.Namespace], int]:
-    """compare / report, imported when used: their plotting and table libraries slow every other command."""
+def _compare_command(name: str, module: str = "fedlayer.compare") -> Callable[[argparse.Namespace], int]:
+    """compare / grid / report, imported when used: their plotting and table libraries slow every other
+    command."""
 
     def command(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module("fedlayer.compare"), name)(args)
+        return getattr(importlib.import_module(module), name)(args)
 
     return command
 
@@ -308,6 +325,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cleanup": cmd_cleanup,
     "partitions": cmd_partitions,
     "compare": _compare_command("cmd_compare"),
+    "grid": _compare_command("cmd_grid", "fedlayer.grid"),
     "report": _compare_command("cmd_report"),
     "deploy": cmd_deploy,
     "config": cmd_config,

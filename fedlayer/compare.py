@@ -193,11 +193,21 @@ def compare(
     *,
     tensorboard: bool = False,
 ) -> None:
-    from fedlayer.run.atomic import write_atomic
     from fedlayer.run.report import write_report
 
     variants = [Variant.parse(spec) for spec in specs]
     check_inputs(config, variants, seeds, overrides, out)
+    write_manifest(config, variants, seeds, overrides, out)
+    sweep(config, variants, seeds, overrides, out, tensorboard=tensorboard)
+    write_report(out)
+
+
+def write_manifest(
+    config: str, variants: Sequence[Variant], seeds: Sequence[int], overrides: Sequence[str], out: Path
+) -> None:
+    """``out/sweep.json``: what the compare directory holds (``fedlayer report`` and resuming read it)."""
+    from fedlayer.run.atomic import write_atomic
+
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(out, variants, seeds)
     manifest = {
@@ -209,47 +219,50 @@ def compare(
         ],
     }
     write_atomic(out / SWEEP, json.dumps(manifest, indent=2) + "\n")
-    sweep(config, variants, seeds, overrides, out, tensorboard=tensorboard)
-    write_report(out)
 
 
 # ----------------------------------------------------------------------------- commands (arguments: cli.py)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    seeds = _seeds(args.seeds)
-    specs = [s for s in _split_specs(args.strategies) if s]
+    seeds = parse_seeds(args.seeds)
+    specs = [s for s in split_specs(args.strategies) if s]
     out = Path(args.out or f"runs/compare-{Path(args.config).stem}")
     try:
         compare(args.config, specs, seeds, args.overrides, out, tensorboard=args.tensorboard)
     except SweepStopped as stop:
-        print(
-            f"fedlayer: interrupted; the finished runs in {out} are kept, the same command continues the "
-            "sweep (the interrupted run starts over)",
-            file=sys.stderr,
-        )
+        print(stopped_message(out), file=sys.stderr)
         return 128 + stop.signum
     print((out / TABLE).read_text())
     print(f"report: {out / 'report.md'}")
     return 0
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
     seeds = [parse_value(s.strip()) for s in text.split(",") if s.strip()]
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"--seeds: {text!r} is not a comma-separated list of integers")
     return seeds
 
 
-def _split_specs(text: str) -> list[str]:
+def split_specs(text: str) -> list[str]:
     """Split on commas outside [...] and {...} (lists in a variant's overrides keep their commas)."""
     return [s.strip() for s in re.split(r",(?![^\[]*\])(?![^{]*\})", text)]
 
 
+def stopped_message(out: Path) -> str:
+    return (
+        f"fedlayer: interrupted; the finished runs in {out} are kept, the same command continues the "
+        "sweep (the interrupted run starts over)"
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from fedlayer.run.files import GRID
+    from fedlayer.run.grid_report import render_grid
     from fedlayer.run.report import render
 
     path = Path(args.dir)
-    made = render(path)
+    made = render_grid(path) if (path / GRID).exists() else render(path)
     print(f"written under {path}: {len(made)} files ({', '.join(sorted({p.name for p in made}))})")
     return 0

@@ -23,6 +23,8 @@ ClassAssignment = Literal["cyclic", "grouped"]
 Pool = Literal["train", "train+test"]
 Normalization = Literal["dataset", "half"]
 LabelShift = Literal["none", "permute"]
+FeatureShiftKind = Literal["none", "rotate", "corrupt"]
+DomainAssignment = Literal["round_robin", "random"]
 ModelName = Literal["cnn", "pfllib_cnn", "mlp", "resnet18", "vgg11"]
 Norm = Literal["none", "batch", "group"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -60,6 +62,8 @@ PARTITIONERS: tuple[str, ...] = typing.get_args(Partitioner)
 POOLS: tuple[str, ...] = typing.get_args(Pool)
 NORMALIZATIONS: tuple[str, ...] = typing.get_args(Normalization)
 LABEL_SHIFTS: tuple[str, ...] = typing.get_args(LabelShift)
+FEATURE_SHIFTS: tuple[str, ...] = typing.get_args(FeatureShiftKind)
+CORRUPT_DOMAINS = 6  # fedlayer/data/shift.py CORRUPTIONS: clean, noise, blur, contrast, invert, elastic
 MODELS: tuple[str, ...] = typing.get_args(ModelName)
 NORMS: tuple[str, ...] = typing.get_args(Norm)
 DEVICES: tuple[str, ...] = typing.get_args(Device)
@@ -174,6 +178,24 @@ class DataConfig:
         "none",
         "permute: each client relabels its data by its own seeded permutation (concept shift); client 0 and "
         "the global test set keep the dataset's labels",
+    )
+    feature_shift: FeatureShiftKind = setting(
+        "none",
+        "each client's images (train and test) come from its own domain, transformed once when the partition "
+        "is built: rotate (domain k turned by k x severity x 360/domains degrees) or corrupt (clean, noise, "
+        "blur, contrast, invert, elastic); the global test set holds every domain: pool = train+test: the "
+        "union of the local test splits, each in its client's domain; pool = train: test image j in domain "
+        "j mod domains",
+    )
+    domains: int = setting(
+        4, "feature_shift: number of domains (corrupt: at most 6); at most federation.clients", AT_LEAST_1
+    )
+    severity: float = setting(
+        1.0, "feature_shift: strength of every domain's transform (0 = none, 1 = strongest)", Range(0, 1)
+    )
+    domain_assignment: DomainAssignment = setting(
+        "round_robin",
+        "feature_shift: client i gets domain i mod domains; random: a seeded shuffle of that assignment",
     )
 
 
@@ -458,7 +480,13 @@ def _check_declared(obj: object, prefix: str = "") -> None:
 def validate(cfg: Config) -> None:
     """Every value against its declaration, then what involves several keys."""
     _check_declared(cfg)
-    f, a = cfg.federation, cfg.analysis
+    f, a, d = cfg.federation, cfg.analysis, cfg.data
+    if d.feature_shift != "none" and d.domains > f.clients:
+        raise _not_allowed("data.domains", d.domains, f"must be <= federation.clients={f.clients}")
+    if d.feature_shift == "corrupt" and d.domains > CORRUPT_DOMAINS:
+        raise _not_allowed(
+            "data.domains", d.domains, f"must be <= {CORRUPT_DOMAINS} with data.feature_shift = 'corrupt'"
+        )
     if f.min_train_clients > f.clients:
         raise _not_allowed(
             "federation.min_train_clients", f.min_train_clients, f"must be <= federation.clients={f.clients}"

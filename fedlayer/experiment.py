@@ -21,8 +21,45 @@ from fedlayer.data import (
     subsample,
     write_partition_report,
 )
+from fedlayer.data.shift import NO_DOMAIN, FeatureShift, apply_domains, assign_domains
 from fedlayer.data.sources import clear_dataset_cache
 from fedlayer.models import build_model, extend
+
+
+@dataclass(frozen=True)
+class Domains:
+    """Feature shift of a federation: the family, each client's domain, each global test image's domain."""
+
+    shift: FeatureShift
+    clients: np.ndarray  # (clients,): client i's domain
+    test: np.ndarray  # (global test samples,): the domain of each
+
+    def report(self, train: TensorData, splits: list[ClientSplit]) -> dict[str, Any]:
+        """What ``partition.json`` records: the family, names, per-domain client and test counts, and one
+        sample image per domain (the first training image of its first client) as 8-bit hex pixels."""
+        samples = [self.sample(train, splits, k) for k in range(self.shift.domains)]
+        return {
+            "kind": self.shift.kind,
+            "severity": self.shift.severity,
+            "names": self.shift.names(),
+            "clients_per_domain": np.bincount(self.clients, minlength=self.shift.domains).tolist(),
+            "global_test_per_domain": np.bincount(self.test, minlength=self.shift.domains).tolist(),
+            "sample_shape": list(train.x.shape[1:]),
+            "samples": samples,
+        }
+
+    def sample(self, train: TensorData, splits: list[ClientSplit], domain: int) -> str:
+        holders = [s for s in splits if self.clients[s.partition_id] == domain and len(s.train_idx)]
+        if not holders:
+            return ""
+        return _hex_pixels(train.subset(holders[0].train_idx[:1]).x)
+
+
+def _hex_pixels(x: torch.Tensor) -> str:
+    """One normalized image's pixels, 0-255 scaled from its own range (no dataset statistics needed)."""
+    low, high = float(x.min()), float(x.max())
+    scaled = (x - low) / (high - low) if high > low else torch.zeros_like(x)
+    return bytes((scaled * 255).round().to(torch.uint8).flatten().tolist()).hex()
 
 
 @dataclass(frozen=True)
@@ -31,6 +68,7 @@ class FederatedData:
     test: TensorData  # the server's global test set
     splits: list[ClientSplit]
     label_maps: np.ndarray | None = None  # (clients, classes): client i sees label y as label_maps[i, y]
+    domains: Domains | None = None  # feature shift (already applied to train and test)
 
     def client(self, partition_id: int) -> tuple[TensorData, TensorData]:
         """A client's local train and local test data."""
@@ -50,6 +88,8 @@ class FederatedData:
             self.train.num_classes,
             partitioner=partitioner,
             class_names=self.train.classes,
+            client_domains=None if self.domains is None else self.domains.clients.tolist(),
+            feature_shift=None if self.domains is None else self.domains.report(self.train, self.splits),
         )
 
 
@@ -84,12 +124,39 @@ def partitioned(train: TensorData, test: TensorData, cfg: Config) -> FederatedDa
         train = TensorData.concat([train, test])
     train = train.subset(subsample(len(train), d.max_samples, cfg.seed))
     splits = make_client_splits(train.y.numpy(), d, cfg.federation.clients, cfg.seed)
+    if not pooled:
+        test = test.subset(subsample(len(test), d.max_test_samples, cfg.seed))
+    train, test, domains = _shifted(train, test, splits, cfg)
     if pooled:
-        test = train.subset(np.sort(np.concatenate([s.test_idx for s in splits])))
-    test = test.subset(subsample(len(test), d.max_test_samples, cfg.seed))
-    return FederatedData(
-        train, test, splits, _label_maps(d.label_shift, len(splits), train.num_classes, cfg.seed)
-    )
+        test_idx = np.sort(np.concatenate([s.test_idx for s in splits]))
+        test = train.subset(test_idx)
+        test = test.subset(keep := subsample(len(test), d.max_test_samples, cfg.seed))
+        if domains is not None:
+            domains = dataclasses.replace(domains, test=domains.test[test_idx][keep])
+    labels = _label_maps(d.label_shift, len(splits), train.num_classes, cfg.seed)
+    return FederatedData(train, test, splits, labels, domains)
+
+
+def _shifted(
+    train: TensorData, test: TensorData, splits: list[ClientSplit], cfg: Config
+) -> tuple[TensorData, TensorData, Domains | None]:
+    """``data.feature_shift``: every client's samples (train and test) in its domain, and the dataset's test
+    set image j in domain j mod domains. Pooled data: ``Domains.test`` is per training-pool sample until the
+    caller picks the global test set from it."""
+    d = cfg.data
+    if d.feature_shift == "none":
+        return train, test, None
+    shift = FeatureShift(d.feature_shift, d.domains, d.severity, cfg.seed)
+    clients = assign_domains(len(splits), d.domains, d.domain_assignment, cfg.seed)
+    pool = np.full(len(train), NO_DOMAIN)
+    for split in splits:
+        pool[split.train_idx] = pool[split.test_idx] = clients[split.partition_id]
+    train = apply_domains(train, pool, shift, d.dataset, d.normalize)
+    if d.pool == "train+test":
+        return train, test, Domains(shift, clients, pool)
+    round_robin = np.arange(len(test)) % d.domains
+    test = apply_domains(test, round_robin, shift, d.dataset, d.normalize)
+    return train, test, Domains(shift, clients, round_robin)
 
 
 def _label_maps(shift: str, clients: int, classes: int, seed: int) -> np.ndarray | None:

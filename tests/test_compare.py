@@ -15,7 +15,7 @@ import pytest
 from sim_helpers import cli_args, start, wait_for_rows
 
 from fedlayer.cli import main
-from fedlayer.compare import Variant, _split_specs
+from fedlayer.compare import Variant, split_specs
 from fedlayer.config import ConfigError
 from fedlayer.run.files import LOCK_FILE, SESSION_FILE
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_strategy_specs() -> None:
-    assert _split_specs("fedavg,partial[conv1+fc2],local") == ["fedavg", "partial[conv1+fc2]", "local"]
+    assert split_specs("fedavg,partial[conv1+fc2],local") == ["fedavg", "partial[conv1+fc2]", "local"]
     variant = Variant.parse("partial[conv1+fc2]")
     assert variant.overrides == ("strategy.name='partial'", 'strategy.shared=["conv1", "fc2"]')
     assert variant.folder == "partial_conv1_fc2"
@@ -32,7 +32,7 @@ def test_strategy_specs() -> None:
 
 
 def test_a_variant_carries_its_own_overrides() -> None:
-    specs = _split_specs("fedavg,fedbn{model.norm='batch';strategy.exclude=['fc1','fc2']},local")
+    specs = split_specs("fedavg,fedbn{model.norm='batch';strategy.exclude=['fc1','fc2']},local")
     assert specs == ["fedavg", "fedbn{model.norm='batch';strategy.exclude=['fc1','fc2']}", "local"]
     assert Variant.parse(specs[1]).overrides == (
         "strategy.name='fedbn'",

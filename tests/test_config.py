@@ -5,6 +5,7 @@ Table-driven through ``fedlayer.cli.main``; nothing is started and no run direct
 
 from __future__ import annotations
 
+import copy
 import tomllib
 import typing
 from pathlib import Path
@@ -19,9 +20,11 @@ from fedlayer.config import (
     MODELS,
     Config,
     ConfigError,
+    apply_overrides,
     check_gpus,
     config_from_dict,
     load_config,
+    read_toml,
     reference_markdown,
     reference_rows,
     to_toml,
@@ -334,7 +337,15 @@ COMMITTED = sorted((ROOT / "experiments").rglob("*.toml"))
 
 @pytest.mark.parametrize("path", COMMITTED, ids=[str(p.relative_to(ROOT)) for p in COMMITTED])
 def test_committed_experiment_configs_load(path: Path) -> None:
-    load_config(path)
+    """Experiment files, and every setting of a grid file (its base experiment + the setting's overrides)."""
+    from fedlayer.grid import Grid
+
+    if "grid" not in read_toml(path):
+        load_config(path)
+        return
+    grid = Grid.read(path)
+    for setting in grid.settings:
+        config_from_dict(apply_overrides(copy.deepcopy(grid.experiment), list(setting.overrides)))
 
 
 def test_toml_written_by_tomli_w_reads_back_to_the_same_config() -> None:

@@ -21,7 +21,7 @@ from fedlayer.run.files import PARTITION, PARTITION_PLOT
 if TYPE_CHECKING:
     import datasets
     from flwr_datasets.partitioner import Partitioner
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure, SubFigure
 
 MAX_LEGEND_CLASSES = 20  # more classes get a colour bar of the class index
 MAX_TICKED_CLIENTS = 40  # more clients get ticks at round numbers only
@@ -261,6 +261,8 @@ def write_partition_report(
     *,
     partitioner: str | None = None,
     class_names: Sequence[str] = (),
+    client_domains: Sequence[int] | None = None,
+    feature_shift: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``partition.json`` (per-client sizes and class counts) and ``partition.png`` into ``run_dir``.
 
@@ -279,10 +281,17 @@ def write_partition_report(
     class_names : Sequence[str]
         The classes' names in label order (``TensorData.classes``), recorded and shown in the plot's legend;
         empty: classes are shown by index.
+    client_domains : Sequence[int] | None
+        Feature shift: each client's domain, recorded per client as ``domain``.
+    feature_shift : Mapping[str, Any] | None
+        Feature shift: the family, domain names, counts and sample images (``Domains.report``), recorded as
+        ``feature_shift`` and shown in the plot, one sample image per domain.
     """
     labels = np.asarray(labels, dtype=np.int64)
     run_dir = Path(run_dir)
     clients = [_client_entry(s, labels, num_classes) for s in splits]
+    if client_domains is not None:
+        clients = [c | {"domain": int(k)} for c, k in zip(clients, client_domains, strict=True)]
     head: dict[str, object] = {
         "num_clients": len(splits),
         "partitioner": partitioner,
@@ -292,6 +301,8 @@ def write_partition_report(
         head["class_names"] = list(class_names)
     if empty := empty_partitions(splits):
         head["empty_partitions"] = empty
+    if feature_shift is not None:
+        head["feature_shift"] = dict(feature_shift)
     # One client per line: readable, and still small for hundreds of clients x 100 classes.
     body = ",\n".join(f"    {json.dumps(c)}" for c in clients)
     text = json.dumps(head, indent=2)[:-2] + f',\n  "clients": [\n{body}\n  ]\n}}\n'
@@ -301,10 +312,46 @@ def write_partition_report(
 
 def partition_plot(report: Mapping[str, Any], class_names: Sequence[str] = ()) -> Figure:
     """The plot of a ``partition.json`` object: :func:`partition_figure` up to ``BAR_PLOT_CLIENTS``
-    clients, :func:`partition_summary_figure` beyond."""
-    if len(report["clients"]) <= BAR_PLOT_CLIENTS:
-        return partition_figure(report, class_names)
-    return partition_summary_figure(report, class_names)
+    clients, :func:`partition_summary_figure` beyond; with a feature shift, a row of one sample image per
+    domain below."""
+    draw = partition_figure if len(report["clients"]) <= BAR_PLOT_CLIENTS else partition_summary_figure
+    if "feature_shift" not in report:
+        return draw(report, class_names)
+    from matplotlib.figure import Figure
+
+    shift = report["feature_shift"]
+    width, height = _figsize(report)
+    fig = Figure(figsize=(max(width, 1.6 * len(shift["names"])), height + 2.2), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[height, 2.2])  # type: ignore[misc]
+    draw(report, class_names, top)
+    _domain_samples(bottom, shift)
+    return fig
+
+
+def _figsize(report: Mapping[str, Any]) -> tuple[float, float]:
+    clients = len(report["clients"])
+    if clients > BAR_PLOT_CLIENTS:
+        return 15.0, 4.5
+    return min(max(6.0, 0.3 * clients), 24.0) + 2.0, 4.5
+
+
+def _domain_samples(fig: Figure | SubFigure, shift: Mapping[str, Any]) -> None:
+    """One sample image per domain, titled with its name and how many clients hold it."""
+    axes = fig.subplots(1, len(shift["names"]), squeeze=False)[0]
+    channels, *size = shift["sample_shape"]
+    for ax, name, clients, hexed in zip(
+        axes, shift["names"], shift["clients_per_domain"], shift["samples"], strict=True
+    ):
+        ax.set_axis_off()
+        ax.set_title(f"{name}\n{clients} client{'s' * (clients != 1)}", fontsize=8)
+        if hexed:
+            image = np.frombuffer(bytes.fromhex(hexed), dtype=np.uint8).reshape(channels, *size)
+            ax.imshow(image.transpose(1, 2, 0).squeeze(), cmap="gray", vmin=0, vmax=255)
+    fig.suptitle(
+        f"Feature shift: {shift['kind']}, severity {shift['severity']:g}; a training image of each domain "
+        f"(global test images per domain: {', '.join(map(str, shift['global_test_per_domain']))})",
+        fontsize=9,
+    )
 
 
 def _client_entry(split: ClientSplit, labels: np.ndarray, num_classes: int) -> dict[str, object]:
@@ -320,11 +367,14 @@ def _client_entry(split: ClientSplit, labels: np.ndarray, num_classes: int) -> d
     }
 
 
-def partition_figure(report: Mapping[str, Any], class_names: Sequence[str] = ()) -> Figure:
+def partition_figure(
+    report: Mapping[str, Any], class_names: Sequence[str] = (), fig: Figure | SubFigure | None = None
+) -> Figure:
     """Stacked class counts per client from a ``partition.json`` object.
 
     Classes are named by ``class_names``, else by the report's ``class_names``, else by index; more than
-    ``MAX_LEGEND_CLASSES`` classes get a colour bar of the class index instead of a legend.
+    ``MAX_LEGEND_CLASSES`` classes get a colour bar of the class index instead of a legend. Drawn into
+    ``fig`` when given (a subfigure of a larger plot).
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
@@ -339,7 +389,7 @@ def partition_figure(report: Mapping[str, Any], class_names: Sequence[str] = ())
     clients, classes = counts.shape
     cmap = colormaps["tab10" if classes <= 10 else "tab20" if classes <= 20 else "viridis"]
     colours = [cmap(c if classes <= 20 else c / max(classes - 1, 1)) for c in range(classes)]
-    fig = Figure(figsize=(min(max(6.0, 0.3 * clients), 24.0) + 2.0, 4.5), layout="constrained")
+    fig = fig if fig is not None else Figure(figsize=_figsize(report), layout="constrained")
     ax = fig.subplots()
     bottoms = np.cumsum(counts, axis=1) - counts
     ids = np.array([client["partition_id"] for client in report["clients"]])
@@ -360,12 +410,21 @@ def partition_figure(report: Mapping[str, Any], class_names: Sequence[str] = ())
         ax.legend(title="class", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     else:
         fig.colorbar(ScalarMappable(Normalize(0, classes - 1), cmap), ax=ax, label="class index")
-    return fig
+    return _root(fig)
 
 
-def partition_summary_figure(report: Mapping[str, Any], class_names: Sequence[str] = ()) -> Figure:
+def _root(fig: Figure | SubFigure) -> Figure:
+    root = fig.get_figure(root=True)
+    assert root is not None  # a subfigure always belongs to a figure
+    return root
+
+
+def partition_summary_figure(
+    report: Mapping[str, Any], class_names: Sequence[str] = (), fig: Figure | SubFigure | None = None
+) -> Figure:
     """Label-distribution statistics of many clients from a ``partition.json`` object: client sizes,
-    classes per client, and per class the quantiles over clients of its share of a client's samples."""
+    classes per client, and per class the quantiles over clients of its share of a client's samples
+    (drawn into ``fig`` when given)."""
     from matplotlib.figure import Figure
 
     counts = np.array([client["class_counts"] for client in report["clients"]]).reshape(
@@ -376,7 +435,7 @@ def partition_summary_figure(report: Mapping[str, Any], class_names: Sequence[st
     held = counts[sizes > 0]
     shares = held / held.sum(axis=1, keepdims=True)
     classes = np.arange(counts.shape[1])
-    fig = Figure(figsize=(15.0, 4.5), layout="constrained")
+    fig = fig if fig is not None else Figure(figsize=_figsize(report), layout="constrained")
     size_axis, kinds_axis, share_axis = fig.subplots(1, 3)
     size_axis.hist(sizes, bins=min(50, int(sizes.max()) + 1))
     size_axis.set(xlabel="samples per client (local train + test)", ylabel="clients", title="Client sizes")
@@ -398,4 +457,4 @@ def partition_summary_figure(report: Mapping[str, Any], class_names: Sequence[st
         + (f", {partitioner} partitioner" if partitioner else "")
         + (f" ({empty} without data)" if empty else "")
     )
-    return fig
+    return _root(fig)

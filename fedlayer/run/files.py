@@ -40,3 +40,10 @@ SWEEP = "sweep.json"
 TABLE_CSV, TABLE = "table.csv", "table.md"
 REPORT = "report.md"
 BARRIER_HEATMAPS = "barrier_heatmaps.png"
+
+# A grid directory (`fedlayer grid`): one compare directory per setting, the matrix over settings, report.md.
+GRID = "grid.json"  # the grid's manifest: settings (name, meaning, overrides, folder), strategies, seeds
+GRID_EXPERIMENT = "experiment.toml"  # the grid file's base experiment, without its [grid] table
+GRID_SETTINGS = "settings"  # folder of the settings' compare directories
+MATRIX_CSV, MATRIX = "matrix.csv", "matrix.md"
+MATRIX_PLOT = "matrix.png"

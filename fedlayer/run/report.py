@@ -462,7 +462,8 @@ def write_report(out: Path) -> None:
 
 
 def render(path: Path) -> list[Path]:
-    """``fedlayer report DIR``: a compare directory (its runs, then table and report) or a run directory."""
+    """``fedlayer report DIR`` of a compare directory (its runs, then table and report) or a run directory
+    (a grid directory: :func:`fedlayer.run.grid_report.render_grid`)."""
     path = Path(path)
     if (path / SWEEP).exists():
         made = [file for runs in discover(path).values() for run in runs for file in render_run(run)]
@@ -472,4 +473,4 @@ def render(path: Path) -> list[Path]:
         if read_metrics(path).empty:
             log.warning("%s has no rows: no round of %s completed", path / METRICS, path)
         return render_run(path)
-    raise ConfigError(f"report: {str(path)!r} is neither a run directory nor a compare directory")
+    raise ConfigError(f"report: {str(path)!r} is not a run, compare or grid directory")
