@@ -76,15 +76,21 @@ class SweepStopped(Exception):
 def run_one(config: str, run: SweepRun, overrides: Sequence[str], tensorboard: bool) -> None:
     """One run as a subprocess (a fresh Ray and Flower per run); its console output goes to run.log.
 
+    A run an earlier sweep left unfinished continues from its last complete round (``fedlayer run --resume``)
+    when its resolved config is the one this sweep asks for; otherwise it starts over.
     Raises :class:`SweepStopped` when a SIGINT / SIGTERM of this process stopped the run.
     """
-    args = [sys.executable, "-m", "fedlayer.cli", "run", config, "--out", str(run.path), "--overwrite"]
-    for item in (*overrides, *run.variant.overrides, f"seed={run.seed}"):
-        args += ["--set", item]
+    settings = [*overrides, *run.variant.overrides, f"seed={run.seed}"]
+    resume = resumable(config, run, settings)
+    if resume:
+        args = [sys.executable, "-m", "fedlayer.cli", "run", "--resume", str(run.path)]
+    else:
+        args = [sys.executable, "-m", "fedlayer.cli", "run", config, "--out", str(run.path), "--overwrite"]
+        args += [arg for item in settings for arg in ("--set", item)]
     if tensorboard:
         args.append("--tensorboard")
     run.path.mkdir(parents=True, exist_ok=True)
-    with open(run.path.parent / f"{run.path.name}.log", "w") as log:
+    with open(run.path.parent / f"{run.path.name}.log", "a" if resume else "w") as log:
         # Its own session: a terminal's Ctrl-C reaches this process only, which passes it on once (with
         # subprocess.run the run got it too, and a SIGKILL 0.25 s later that left its Ray running).
         proc = subprocess.Popen(
@@ -99,6 +105,17 @@ def run_one(config: str, run: SweepRun, overrides: Sequence[str], tensorboard: b
         raise SweepStopped(signum)
     if returncode != 0:
         raise RuntimeError(f"run {run.path.name} failed (exit {returncode}); see {run.path.name}.log")
+
+
+def resumable(config: str, run: SweepRun, settings: Sequence[str]) -> bool:
+    """Whether ``run`` has a checkpoint of a config equal to ``config`` with ``settings``."""
+    from fedlayer.config import to_toml
+    from fedlayer.run.files import CHECKPOINT, CONFIG_RESOLVED
+
+    saved = run.path / CONFIG_RESOLVED
+    if not (run.path / CHECKPOINT).is_file() or not saved.is_file():
+        return False
+    return saved.read_text() == to_toml(load_config(config, list(settings)))
 
 
 def _wait_passing_signals(proc: subprocess.Popen[bytes]) -> tuple[int, int]:
@@ -253,7 +270,7 @@ def split_specs(text: str) -> list[str]:
 def stopped_message(out: Path) -> str:
     return (
         f"fedlayer: interrupted; the finished runs in {out} are kept, the same command continues the "
-        "sweep (the interrupted run starts over)"
+        "sweep (the interrupted run from its last complete round)"
     )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -187,3 +188,11 @@ def test_ctrl_c_stops_the_running_run_cleanly(tiny_fmnist: Path, tmp_path: Path)
     assert "Traceback" not in run_log and "SIGTERM received" not in run_log
     assert not (first / SESSION_FILE).exists() and not (first / LOCK_FILE).exists()
     assert not (out / "runs" / "fedper-seed0").exists(), "no run starts after the Ctrl-C"
+    # The same sweep again (here of the interrupted strategy only): the run continues from its checkpoint.
+    done = [r for r in (first / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    again = [arg if arg != "fedavg,fedper" else "fedavg" for arg in args]
+    finished = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    rows = (first / "metrics.jsonl").read_text().splitlines()
+    assert rows[: len(done)] == done and len(rows) == 4
+    assert "fedlayer: resuming" in (first / "flower.log").read_text()
