@@ -9,14 +9,14 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from fedlayer.config import Config, ConfigError, load_config, parse_value
 from fedlayer.inputs import check_before_start, check_out
-from fedlayer.run.files import SUMMARY, SWEEP, TABLE
+from fedlayer.run.files import REPORT, SUMMARY, SWEEP, TABLE
 
 SPEC = re.compile(r"^(?P<name>[a-z0-9_]+)(\[(?P<shared>[^\]]+)\])?(\{(?P<set>[^}]+)\})?$")
 
@@ -245,13 +245,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     specs = [s for s in split_specs(args.strategies) if s]
     out = Path(args.out or f"runs/compare-{Path(args.config).stem}")
+    return finish(
+        out,
+        out / TABLE,
+        lambda: compare(args.config, specs, seeds, args.overrides, out, tensorboard=args.tensorboard),
+    )
+
+
+def finish(out: Path, summary: Path, sweep: Callable[[], None]) -> int:
+    """Run ``sweep``; print its ``summary`` table and where the report is, or the one line of a stop."""
     try:
-        compare(args.config, specs, seeds, args.overrides, out, tensorboard=args.tensorboard)
+        sweep()
     except SweepStopped as stop:
         print(stopped_message(out), file=sys.stderr)
         return 128 + stop.signum
-    print((out / TABLE).read_text())
-    print(f"report: {out / 'report.md'}")
+    print(summary.read_text())
+    print(f"report: {out / REPORT}")
     return 0
 
 

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import re
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from fedlayer.compare import (
-    SweepStopped,
     Variant,
     check_inputs,
+    finish,
     parse_seeds,
     split_specs,
-    stopped_message,
     sweep,
     write_manifest,
 )
@@ -216,11 +214,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     specs = [s for s in split_specs(args.strategies or "") if s]
     seeds = parse_seeds(args.seeds) if args.seeds else []
     names = [s.strip() for s in (args.settings or "").split(",") if s.strip()]
-    try:
-        run_grid(args.grid, out, args.overrides, strategies=specs, seeds=seeds, settings=names)
-    except SweepStopped as stop:
-        print(stopped_message(out), file=sys.stderr)
-        return 128 + stop.signum
-    print((out / MATRIX).read_text())
-    print(f"report: {out / 'report.md'}")
-    return 0
+    return finish(
+        out,
+        out / MATRIX,
+        lambda: run_grid(args.grid, out, args.overrides, strategies=specs, seeds=seeds, settings=names),
+    )
