@@ -252,7 +252,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
 
 
-def finish(out: Path, summary: Path, sweep: Callable[[], None]) -> int:
+def finish(out: Path, summary: Path, sweep: Callable[[], object]) -> int:
     """Run ``sweep``; print its ``summary`` table and where the report is, or the one line of a stop."""
     try:
         sweep()
