@@ -32,9 +32,14 @@ data: install
 run: data
 	$(VENV)/bin/fedlayer run $(CONFIG)
 
-# Everything that needs no Docker daemon and no GPU: unit tests and real Flower simulations.
+# Everything that needs no Docker daemon and no GPU: unit tests and real Flower simulations. Two pytest
+# workers share the machine for all but the `serial` tests (signals, processes, ports), which run alone after
+# them; both parts always run, and the target fails if either did.
 test: data
-	$(PY) -m pytest -m "not docker and not gpu" -q --durations=25
+	@status=0; \
+	$(PY) -m pytest -n 2 --dist loadfile -m "not docker and not gpu and not serial" -q --durations=15 || status=$$?; \
+	$(PY) -m pytest -m "serial and not docker and not gpu" -q --durations=15 || status=$$?; \
+	exit $$status
 
 test-fast: install
 	$(PY) -m pytest -q

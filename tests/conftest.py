@@ -46,3 +46,14 @@ def write_fmnist(root: Path, n_train: int, n_test: int, seed: int = 0, folder: s
 def tiny_fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding a 600/200-sample Fashion-MNIST in torchvision's raw IDX layout."""
     return write_fmnist(tmp_path_factory.mktemp("data"), n_train=600, n_test=200)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_fmnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run of ``sim_helpers.cli_args``, once, uninterrupted: the reference that the determinism and
+    interruption tests compare with (one simulation fewer each)."""
+    from sim_helpers import cli_args, run
+
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run(cli_args(tiny_fmnist, out))
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from fedlayer.run.files import CHECKPOINT
@@ -18,6 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # The only fields allowed to differ between identical runs: wall-clock time and the Ray node ids clients ran
 # on (new ids in every Ray session).
 NONDETERMINISTIC = ("round_seconds", "client_nodes")
+
+
+def is_ray_agent(proc: psutil.Process) -> bool:
+    """Ray's dashboard or runtime-env agent (named ray::...Agent once it has set its process title)."""
+    with contextlib.suppress(psutil.Error):
+        return "agent" in " ".join(proc.cmdline()).lower()
+    return False
 
 
 def cli_args(data_root: Path, out: Path | None, *overrides: str) -> list[str]:

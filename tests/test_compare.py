@@ -158,6 +158,7 @@ def test_compare_two_strategies_two_seeds(
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # signals: `make test` runs it after the others, one at a time
 def test_ctrl_c_stops_the_running_run_cleanly(tiny_fmnist: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     args = [sys.executable, "-m", "fedlayer.cli", "compare", str(ROOT / "experiments" / "default.toml")]

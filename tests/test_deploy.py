@@ -41,7 +41,6 @@ from fedlayer.deploy import (
 
 ROOT = Path(__file__).resolve().parents[1]
 slow = pytest.mark.slow
-
 # Deployment vs simulation with the same config and seed: the same partitions, initial model and batch
 # order per client, so the only differences are float reduction order (FedAvg sums replies in arrival
 # order; torch thread counts differ between a Ray actor and a ClientApp process). Measured here: every
@@ -348,45 +347,6 @@ def test_deployment_matches_the_simulation(deployed_and_simulated: tuple[Finishe
 
 
 @slow
-def test_lmc_decides_in_the_serverapp_of_a_deployment(tiny_fmnist: Path, tmp_path: Path) -> None:
-    # Barrier-guided sharing needs nothing from the engine: the clients measure their costs in the
-    # ClientApp, the ServerApp decides. Half of the blocks (the cheapest) are shared from round 2 on.
-    overrides = [
-        *experiment(tiny_fmnist, rounds=3),
-        "strategy.name='lmc'",
-        "strategy.lmc_share_fraction=0.5",
-    ]
-    deployed, simulated = side_by_side(tmp_path, overrides)
-    assert deployed.returncode == 0 and simulated.returncode == 0, deployed.output[-3000:]
-    dep, sim = read_metrics(deployed.out), read_metrics(simulated.out)
-    assert [r["shared_blocks"] for r in dep] == [r["shared_blocks"] for r in sim]
-    assert len(dep[0]["shared_blocks"]) == 4 and len(dep[1]["shared_blocks"]) == 2
-    history = json.loads((deployed.out / "layers_by_round.json").read_text())
-    assert [history["rounds"][str(r["round"])]["shared"] for r in dep] == [r["shared_blocks"] for r in dep]
-    assert set(history["rounds"]["1"]["costs"]) == {"conv1", "conv2", "fc1", "fc2"}  # measured by clients
-    for d, s in zip(dep, sim, strict=True):
-        assert d["bytes_up"] == s["bytes_up"] and d["bytes_down"] == s["bytes_down"]
-        assert d["personalized_acc"] == pytest.approx(s["personalized_acc"], abs=ACC_TOL)
-
-
-@slow
-def test_tls_deployment(tiny_fmnist: Path, tmp_path: Path) -> None:
-    certs = tmp_path / "certs"
-    subprocess.run(["bash", str(ROOT / "docker" / "certs.sh"), str(certs)], check=True, capture_output=True)
-    run = run_deploy(tmp_path / "run", experiment(tiny_fmnist), "--tls", str(certs))
-    print(f"\nTLS deployment {run.seconds:.0f} s")
-    assert run.returncode == 0, run.output[-4000:]
-    assert "SuperLink (TLS)" in run.output
-    assert [r["round"] for r in read_metrics(run.out)] == [1, 2]
-    superlink = (run.out / "deploy" / "superlink.log").read_text()
-    assert "Uvicorn running on https://127.0.0.1" in superlink
-    assert leftovers(tmp_path) == [], "processes left behind"
-    assert "--insecure` was set" not in superlink
-    for i in range(2):
-        assert "--insecure` was set" not in (run.out / "deploy" / f"supernode-{i}.log").read_text()
-
-
-@slow
 def test_ctrl_c_shuts_the_deployment_down(tiny_fmnist: Path, tmp_path: Path) -> None:
     """Also when the command inherits SIGINT ignored (a job started with & by a shell without job control)."""
     ignoring = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
@@ -464,8 +424,17 @@ def test_a_failing_serverapp_is_reported_as_failed(tiny_fmnist: Path, tmp_path: 
 @slow
 def test_a_crashed_supernode_is_named_and_its_children_stopped(tiny_fmnist: Path, tmp_path: Path) -> None:
     """3 SuperNodes, min_train_clients=2; the process of SuperNode 2 is SIGKILLed after round 1, as a crash
-    would end it: its SuperExec and ClientApp processes are left behind, and the deployment stops them."""
-    overrides = [*experiment(tiny_fmnist, clients=3), "federation.min_train_clients=2"]
+    would end it: its SuperExec and ClientApp processes are left behind, and the deployment stops them.
+
+    The strategy is ``lmc``: barrier-guided sharing needs nothing from the engine (the clients measure their
+    costs in the ClientApp, the ServerApp decides), so half of the blocks (the cheapest) are shared from
+    round 2 on, with one node lost. (One deployment for both: CI's time budget.)"""
+    overrides = [
+        *experiment(tiny_fmnist, clients=3),
+        "federation.min_train_clients=2",
+        "strategy.name='lmc'",
+        "strategy.lmc_share_fraction=0.5",
+    ]
     cfg = load_config(ROOT / "experiments/default.toml", overrides)
     assert deployment_overrides(cfg, 3) == []
     out = prepare_out(tmp_path / "run", overwrite=False)
@@ -500,6 +469,12 @@ def test_a_crashed_supernode_is_named_and_its_children_stopped(tiny_fmnist: Path
     excluded = "client partition-id=2 excluded (error: Error: Node Unavailable"
     assert excluded in (out / "flower.log").read_text()
     assert deployment.nodes[2].returncode == -signal.SIGKILL
+    # lmc decided in the ServerApp from the costs the three clients measured in round 1
+    assert len(rows[0]["shared_blocks"]) == 4 and len(rows[1]["shared_blocks"]) == 2
+    assert rows[1]["bytes_up"] < rows[0]["bytes_up"]
+    history = json.loads((out / "layers_by_round.json").read_text())
+    assert [history["rounds"][str(r["round"])]["shared"] for r in rows] == [r["shared_blocks"] for r in rows]
+    assert set(history["rounds"]["1"]["costs"]) == {"conv1", "conv2", "fc1", "fc2"}
 
 
 # -- own data, authentication ------------------------------------------------------------------------
@@ -513,8 +488,9 @@ def test_supernodes_on_their_own_data_train_as_on_the_partitions(
 
     The exported images are the partitions' pixels (PNG, checked exact), loaded in the same order and
     normalized by the same code, and each SuperNode keeps its partition id (batch-order seed), so the two
-    deployments compute the same thing; only float reduction order could differ, and it does not here
-    (FedAvg sums in partition order, same processes and thread counts): the losses agree to 1e-6.
+    deployments compute the same thing. Their metrics still differ in the last digits, by a different
+    amount from run to run (measured: 3.4e-6 on a global loss in CI, 3.4e-5 on a personalized loss here,
+    1e-6 and less before), so the tolerances are those of the deployment-vs-simulation test.
     """
     reference = deployed_and_simulated[0]
     assert reference.returncode == 0, reference.output[-3000:]
@@ -529,8 +505,10 @@ def test_supernodes_on_their_own_data_train_as_on_the_partitions(
     ours, theirs = read_metrics(own.out), read_metrics(reference.out)
     assert len(ours) == len(theirs) == 2
     for a, b in zip(ours, theirs, strict=True):
-        for key in COMPARED + COMPARED_LOSSES:
-            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["round"], key)
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], abs=ACC_TOL), (a["round"], key)
+        for key in COMPARED_LOSSES:
+            assert a[key] == pytest.approx(b[key], abs=LOSS_TOL), (a["round"], key)
         assert a["bytes_up"] == b["bytes_up"]
 
 
@@ -573,7 +551,7 @@ def test_a_supernode_whose_data_cannot_be_read_is_a_fault_on_the_console(
 
 @slow
 def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: Path) -> None:
-    """--auth: two registered SuperNodes train; a third, not registered, is refused (without
+    """--tls --auth: two registered SuperNodes train over TLS; a third, not registered, is refused (without
     --enable-supernode-auth the SuperLink would let it register itself and join)."""
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "docker" / "certs.sh"), str(certs)], check=True, capture_output=True)
@@ -591,7 +569,12 @@ def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: 
         outcome = deployment.wait(run_id, timeout=900)
         deployment.collect(out)
     assert outcome.ok, outcome
-    assert "SuperNode authentication is disabled" not in (out / "deploy" / "superlink.log").read_text()
+    superlink = (out / "deploy" / "superlink.log").read_text()
+    assert "SuperNode authentication is disabled" not in superlink
+    # TLS throughout: the SuperLink serves HTTPS and no process runs with --insecure
+    assert "Uvicorn running on https://127.0.0.1" in superlink
+    for log in ("superlink", "supernode-0", "supernode-1"):
+        assert "--insecure` was set" not in (out / "deploy" / f"{log}.log").read_text(), log
     (row,) = read_metrics(out)
     assert row["clients_trained"] == 2 and row["client_failures"] == 0
     assert leftovers(tmp_path) == [], "processes left behind"

@@ -17,7 +17,8 @@ from sim_helpers import ROOT
 from fedlayer.config import load_config, to_toml
 from fedlayer.processes import terminate_all
 
-pytestmark = pytest.mark.slow
+# `make test` runs these after the others, one at a time (they watch processes, signals or ports).
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 VENV = Path(sys.executable).parent.parent
 
 

@@ -18,7 +18,17 @@ import psutil
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
-from sim_helpers import ROOT, assert_same_model, cli_args, env, metrics, run, start, wait_for_rows
+from sim_helpers import (
+    ROOT,
+    assert_same_model,
+    cli_args,
+    env,
+    is_ray_agent,
+    metrics,
+    run,
+    start,
+    wait_for_rows,
+)
 
 from fedlayer.cli import _interrupted_line, main
 from fedlayer.config import load_config, to_toml
@@ -28,6 +38,8 @@ from fedlayer.run.files import CHECKPOINT, LOCK_FILE, SESSION_FILE
 from fedlayer.run.rundir import RunDir, save_arrays
 
 CLI = [sys.executable, "-m", "fedlayer.cli"]
+# `make test` runs these after the others, one at a time (they watch processes, signals or ports).
+pytestmark = pytest.mark.serial
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,13 +57,6 @@ def running(procs: list[psutil.Process]) -> list[psutil.Process]:
             if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
                 alive.append(proc)
     return alive
-
-
-def is_ray_agent(proc: psutil.Process) -> bool:
-    """Ray's dashboard or runtime-env agent (named ray::...Agent once it has set its process title)."""
-    with contextlib.suppress(psutil.Error):
-        return "agent" in " ".join(proc.cmdline()).lower()
-    return False
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -82,9 +87,9 @@ def test_resume_of_a_damaged_checkpoint_is_one_line_and_touches_nothing(
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resuming_equals_the_uninterrupted_run(
-    tiny_fmnist: Path, tmp_path: Path
+    tiny_fmnist: Path, tmp_path: Path, uninterrupted: Path
 ) -> None:
-    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    reference, stopped = uninterrupted, tmp_path / "stopped"
     proc = start(cli_args(tiny_fmnist, stopped), tmp_path / "stopped.log")
     try:
         wait_for_rows(stopped, 1, proc)
@@ -114,7 +119,6 @@ def test_ctrl_c_stops_cleanly_and_resuming_equals_the_uninterrupted_run(
     assert running(started) == [], "Ray, its agents and the client actors are stopped"
     assert not (stopped / LOCK_FILE).exists() and not (stopped / SESSION_FILE).exists()
 
-    run(cli_args(tiny_fmnist, reference))
     run([*CLI, "run", "--resume", str(stopped)])
     assert metrics(stopped) == metrics(reference)
     assert_same_model(stopped / "model.pt", reference / "model.pt")
@@ -223,31 +227,6 @@ def test_leftovers_of_a_killed_run_are_stopped_and_no_other_runs(tiny_fmnist: Pa
     run([*CLI, "run", "--resume", str(killed)])
     assert [row["round"] for row in metrics(killed)] == [1, 2, 3, 4]
     assert not (killed / LOCK_FILE).exists()
-
-
-@pytest.mark.slow
-def test_resume_stops_what_the_killed_run_left(tiny_fmnist: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = start(cli_args(tiny_fmnist, out, "federation.rounds=2"), tmp_path / "run.log")
-    wait_for_rows(out, 1, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    record = ProcessRecord.load(out / SESSION_FILE)
-    assert record is not None
-    left = record.leftovers()
-    assert any(map(is_ray_agent, left)), [p.cmdline() for p in left]
-    assert (out / LOCK_FILE).exists()
-    try:
-        run([*CLI, "run", "--resume", str(out)])  # takes over the stale lock, stops the leftovers
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert record.alive() == []
-    [line] = [
-        x for x in (out / "flower.log").read_text().splitlines() if "stopped what a killed run left" in x
-    ]
-    assert all(f"({p.pid})" in line for p in left if is_ray_agent(p))
-    assert not (out / LOCK_FILE).exists()
 
 
 @pytest.mark.parametrize("kind", ["text", "tensors"])

@@ -22,6 +22,8 @@ from fedlayer.processes import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# `make test` runs these after the others, one at a time (they watch processes, signals or ports).
+pytestmark = pytest.mark.serial
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path

@@ -25,6 +25,8 @@ from fedlayer.simulation import backend_config, ray_address
 
 RAY = Path(sys.executable).parent / "ray"
 DEFAULT = ROOT / "experiments" / "default.toml"
+# `make test` runs these after the others, one at a time (they watch processes, signals or ports).
+pytestmark = pytest.mark.serial
 
 
 def free_port() -> int:

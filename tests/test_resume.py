@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,17 +10,23 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
-from sim_helpers import ROOT, assert_same_model, cli_args, env, metrics, run
+from sim_helpers import ROOT, assert_same_model, cli_args, env, is_ray_agent, metrics, run
 
-from fedlayer.run.files import CHECKPOINT
+from fedlayer.processes import ProcessRecord
+from fedlayer.run.files import CHECKPOINT, FLOWER_LOG, LOCK_FILE, SESSION_FILE
 
 pytestmark = pytest.mark.slow
 
 
-def run_until_killed(args: list[str], out: Path, after_rows: int, timeout: float = 240) -> int:
-    """Start ``args`` in its own process group; SIGKILL the group once metrics.jsonl has ``after_rows``."""
+def run_until_killed(
+    args: list[str], out: Path, after_rows: int, timeout: float = 240, group: bool = True
+) -> int:
+    """Start ``args`` in its own process group; SIGKILL the group (``group=False``: the CLI process only, as
+    the OOM killer or `kill -9 PID` would, leaving Ray's processes behind) once metrics.jsonl has
+    ``after_rows``."""
     proc = subprocess.Popen(
         args,
         cwd=ROOT,
@@ -33,7 +40,11 @@ def run_until_killed(args: list[str], out: Path, after_rows: int, timeout: float
         while time.monotonic() < deadline and proc.poll() is None:
             path = out / "metrics.jsonl"
             if path.exists() and len(path.read_text().splitlines()) >= after_rows:
-                os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Ray processes it started
+                if group:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Ray processes it started
+                else:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()  # dead before the check below, which would kill the whole group
                 break
             time.sleep(0.02)
     finally:
@@ -45,17 +56,32 @@ def run_until_killed(args: list[str], out: Path, after_rows: int, timeout: float
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """Only the CLI process is killed: Ray's processes outlive it, and `--resume` stops them first."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     # fedavgm: server momentum must survive the restart too.
     extra = ("strategy.aggregator='fedavgm'", "strategy.server_momentum=0.5")
     reference_args = cli_args(tiny_fmnist, reference, *extra)
-    rows_at_kill = run_until_killed(cli_args(tiny_fmnist, killed, *extra), killed, after_rows=2)
+    rows_at_kill = run_until_killed(cli_args(tiny_fmnist, killed, *extra), killed, after_rows=2, group=False)
     assert rows_at_kill < 4
     done = torch.load(killed / CHECKPOINT, weights_only=True)["round"]
     assert 1 <= done < 4
-    resume_args = [sys.executable, "-m", "fedlayer.cli", "run", "--resume", str(killed)]
+    record = ProcessRecord.load(killed / SESSION_FILE)
+    assert record is not None
+    left = [p for p in record.leftovers() if is_ray_agent(p)]
+    assert left, "the killed run left Ray's agents running"
+    assert (killed / LOCK_FILE).exists()
     run(reference_args)
-    run(resume_args)
+    try:
+        run([sys.executable, "-m", "fedlayer.cli", "run", "--resume", str(killed)])  # takes the stale lock
+    finally:
+        for proc in record.alive():  # whatever a failed resume left
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    assert record.alive() == []
+    log = (killed / FLOWER_LOG).read_text().splitlines()
+    [line] = [x for x in log if "stopped what a killed run left" in x]
+    assert all(f"({p.pid})" in line for p in left)
+    assert not (killed / LOCK_FILE).exists()
     assert metrics(killed) == metrics(reference)
     assert_same_model(killed / "model.pt", reference / "model.pt")
     # Personal states: one file per partition is all a checkpoint needs.
