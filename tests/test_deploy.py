@@ -346,6 +346,21 @@ def test_deployment_matches_the_simulation(deployed_and_simulated: tuple[Finishe
     print(f"\nlargest deployment-simulation difference: {worst:.2e}")
 
 
+def start_until_submitted(args: list[str], **popen: object) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start a `deploy local` command and read its output up to the line saying the run was submitted."""
+    proc = subprocess.Popen(  # type: ignore[call-overload]
+        args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "submitted" in line:
+            break
+    assert any("submitted" in line for line in lines), "".join(lines)
+    return proc, lines
+
+
 @slow
 def test_ctrl_c_shuts_the_deployment_down(tiny_fmnist: Path, tmp_path: Path) -> None:
     """Also when the command inherits SIGINT ignored (a job started with & by a shell without job control)."""
@@ -355,22 +370,8 @@ def test_ctrl_c_shuts_the_deployment_down(tiny_fmnist: Path, tmp_path: Path) -> 
     args += ["experiments/default.toml", "--supernodes", "2"]
     args += ["--out", str(tmp_path / "run"), "--keep-workdir", str(tmp_path / "work")]
     args += with_sets(experiment(tiny_fmnist, rounds=5))
-    proc = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "submitted" in line:
-            break
-    assert any("submitted" in line for line in lines), "".join(lines)
+    # its own process group, as a terminal's foreground job
+    proc, lines = start_until_submitted(args, start_new_session=True)
     time.sleep(5)  # the ServerApp and the first ClientApps are starting now
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=90)
@@ -387,16 +388,7 @@ def test_sigterm_shuts_the_deployment_down_with_exit_143(tiny_fmnist: Path, tmp_
     args = [*cli("fedlayer.cli", "deploy", "local", "experiments/default.toml", "--supernodes", "2")]
     args += ["--out", str(tmp_path / "run"), "--keep-workdir", str(tmp_path / "work")]
     args += with_sets(experiment(tiny_fmnist, rounds=5))
-    proc = subprocess.Popen(
-        args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "submitted" in line:
-            break
-    assert any("submitted" in line for line in lines), "".join(lines)
+    proc, lines = start_until_submitted(args)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
