@@ -5,18 +5,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
+from fedlayer.processes import terminate_all, using
 from fedlayer.run.files import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"
 # The only fields allowed to differ between identical runs: wall-clock time and the Ray node ids clients ran
 # on (new ids in every Ray session).
 NONDETERMINISTIC = ("round_seconds", "client_nodes")
@@ -85,3 +91,39 @@ def wait_for_rows(out: Path, rows: int, proc: subprocess.Popen[bytes], timeout: 
         assert proc.poll() is None, f"the run ended with {proc.returncode} before round {rows}"
         assert time.monotonic() < deadline, f"no round {rows} within {timeout} s"
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def ray_cluster(nodes: int, cpus: int) -> Iterator[tuple[str, str]]:
+    """A Ray cluster of ``nodes`` raylets with ``cpus`` CPUs each; yields (address, temp dir).
+
+    In a temp dir of its own, so that no other test's ``ray.init()`` finds it (Ray joins the cluster named in
+    /tmp/ray/ray_current_cluster), and stopped alone (never `ray stop`: it stops every Ray on the machine).
+    """
+    temp = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    port = free_port()
+    common = ["--num-cpus", str(cpus), "--temp-dir", temp, "--node-ip-address", "127.0.0.1"]
+    common += ["--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
+    head = ["--head", "--port", str(port), "--include-dashboard", "false"]
+    head += ["--ray-client-server-port", str(free_port())]  # its own ports, not Ray's fixed defaults
+    try:
+        for node in [head] + [["--address", f"127.0.0.1:{port}"]] * (nodes - 1):
+            agent = ["--dashboard-agent-listen-port", str(free_port())]
+            started = subprocess.run(  # the workers it starts import this checkout (PYTHONPATH)
+                [str(RAY), "start", *node, *agent, *common],
+                env=env(),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        terminate_all(using(temp))
+        shutil.rmtree(temp, ignore_errors=True)

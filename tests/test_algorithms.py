@@ -5,11 +5,13 @@ algorithm serves every test here: CI's time budget)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from sim_helpers import ray_cluster
 
 from fedlayer.config import load_config
 from fedlayer.run.readers import read_barriers
@@ -31,9 +33,10 @@ EXTRA = {
 METHODS = ["ditto", "fedala", "fedrod", "feddbe"]
 
 
-def simulated(data_root: Path, out: Path, name: str) -> RunDir:
+def simulated(data_root: Path, out: Path, name: str, ray_address: str) -> RunDir:
     overrides = [
         f"data.root='{data_root}'",
+        f"federation.ray_address='{ray_address}'",
         "data.min_partition_size=5",
         "federation.clients=3",
         "federation.rounds=2",
@@ -48,9 +51,11 @@ def simulated(data_root: Path, out: Path, name: str) -> RunDir:
 
 @pytest.fixture(scope="module")
 def runs(tiny_fmnist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunDir]:
-    """All algorithms, one after the other in this process (one Ray start each)."""
+    """All algorithms, one after the other in this process, on one Ray cluster (a private Ray's start and
+    stop, ~8 CPU-s, saved per algorithm; the private path is every other simulation test's)."""
     base = tmp_path_factory.mktemp("algorithms")
-    return {name: simulated(tiny_fmnist, base / name, name) for name in ALGORITHMS}
+    with ray_cluster(nodes=1, cpus=os.cpu_count() or 1) as (address, _):
+        return {name: simulated(tiny_fmnist, base / name, name, address) for name in ALGORITHMS}
 
 
 def state(run: RunDir, name: str) -> dict[str, torch.Tensor]:

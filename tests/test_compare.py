@@ -157,6 +157,8 @@ def test_compare_two_strategies_two_seeds(
     assert (out / "table.md").read_text() == table_md
 
 
+# `make test-all`, not CI: a run's Ctrl-C is test_lifecycle's; compare adds only the sweep's message
+@pytest.mark.extended
 @pytest.mark.slow
 @pytest.mark.serial  # signals: `make test` runs it after the others, one at a time
 def test_ctrl_c_stops_the_running_run_cleanly(tiny_fmnist: Path, tmp_path: Path) -> None:

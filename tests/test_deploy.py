@@ -381,6 +381,7 @@ def test_ctrl_c_shuts_the_deployment_down(tiny_fmnist: Path, tmp_path: Path) -> 
     assert (tmp_path / "run" / "deploy" / "superlink.log").exists()  # logs are collected anyway
 
 
+@pytest.mark.extended  # `make test-all`, not CI: the deployment's Ctrl-C path is the same shutdown
 @slow
 def test_sigterm_shuts_the_deployment_down_with_exit_143(tiny_fmnist: Path, tmp_path: Path) -> None:
     """`kill PID` (and `timeout`, systemd, `docker stop`) to the command only, then a second SIGTERM while
@@ -504,6 +505,8 @@ def test_supernodes_on_their_own_data_train_as_on_the_partitions(
         assert a["bytes_up"] == b["bytes_up"]
 
 
+# `make test-all`, not CI: test_faults shows the same console lines for simulation faults
+@pytest.mark.extended
 @slow
 def test_a_supernode_whose_data_cannot_be_read_is_a_fault_on_the_console(
     tiny_fmnist: Path, tmp_path: Path
@@ -612,6 +615,7 @@ def assert_worst_client_kept_its_model(rows: list[dict[str, float]]) -> None:
     assert all(r["personalized_acc_before_worst10"] > initial + 0.2 for r in both)
 
 
+@pytest.mark.extended  # `make test-all`, not CI: test_store restarts a client on its state dir
 @slow
 def test_personal_layers_and_client_state_survive_a_supernode_restart(
     tiny_fmnist: Path, tmp_path: Path

@@ -155,6 +155,7 @@ def test_an_interruption_before_the_first_round_says_how_to_start_again(tmp_path
     )
 
 
+@pytest.mark.extended  # `make test-all`, not CI: the lock itself is unit-tested
 @pytest.mark.slow
 def test_a_run_directory_in_use_refuses_a_second_run(tiny_fmnist: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -188,6 +189,9 @@ def _quick() -> dict[str, object]:
     return {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 300, "env": env()}
 
 
+# `make test-all`, not CI: test_resume checks that --resume stops the leftovers, test_processes that only the
+# dead owner's are
+@pytest.mark.extended
 @pytest.mark.slow
 def test_leftovers_of_a_killed_run_are_stopped_and_no_other_runs(tiny_fmnist: Path, tmp_path: Path) -> None:
     killed, other = tmp_path / "killed", tmp_path / "other"
@@ -277,6 +281,7 @@ def fill(path: Path) -> None:
                 fh.write(b"\0")
 
 
+@pytest.mark.extended  # `make test-all`, not CI: the file layer's ENOSPC handling is unit-tested above
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(
     tiny_fmnist: Path, tmp_path: Path

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 TINY = ("federation.clients=3", "federation.fraction_train=1.0", "federation.rounds=3")
 
 
+# `make test-all`, not CI: test_resume is the same resume; the client-state store is unit-tested (test_store)
+@pytest.mark.extended
 def test_feddbe_resumes_after_sigkill_to_the_uninterrupted_result(tiny_fmnist: Path, tmp_path: Path) -> None:
     """FedDBE has both a model extension and client state; Ditto's and FedALA's state and FedRoD's
     extension take the same paths (one method here: CI's time budget)."""

@@ -5,62 +5,29 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sim_helpers import ROOT, cli_args, env, metrics, run
+from sim_helpers import ROOT, cli_args, free_port, metrics, ray_cluster, run
 
 from fedlayer.cli import main
 from fedlayer.config import load_config
-from fedlayer.processes import terminate_all, using
+from fedlayer.processes import using
 from fedlayer.run.files import SESSION_FILE
 from fedlayer.simulation import backend_config, ray_address
 
-RAY = Path(sys.executable).parent / "ray"
 DEFAULT = ROOT / "experiments" / "default.toml"
 # `make test` runs these after the others, one at a time (they watch processes, signals or ports).
 pytestmark = pytest.mark.serial
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def cluster() -> Iterator[tuple[str, str]]:
     """A head and a worker node, 1 CPU each; yields (address, temp dir). Stops only this cluster."""
-    temp = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    port = free_port()
-    common = ["--num-cpus", "1", "--temp-dir", temp, "--node-ip-address", "127.0.0.1"]
-    common += ["--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
-    head = ["--head", "--port", str(port), "--include-dashboard", "false"]
-    head += ["--ray-client-server-port", str(free_port())]  # its own ports, not Ray's fixed defaults
-    nodes = [head, ["--address", f"127.0.0.1:{port}"]]
-    try:
-        for node in nodes:  # the workers they start import this checkout (PYTHONPATH)
-            agent = ["--dashboard-agent-listen-port", str(free_port())]
-            started = subprocess.run(
-                [str(RAY), "start", *node, *agent, *common],
-                env=env(),
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        yield f"127.0.0.1:{port}", temp
-    finally:
-        # Never `ray stop`: it stops every Ray on the machine. This cluster's processes use its temp dir.
-        terminate_all(using(temp))
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_cluster(nodes=2, cpus=1) as found:
+        yield found
 
 
 def node_ids(temp: str) -> set[str]:
