@@ -229,6 +229,12 @@ class FederationConfig:
     fraction_evaluate: float = setting(
         1.0, "share of the clients sampled for personalized evaluation", FRACTION
     )
+    evaluate_every: int = setting(
+        1,
+        "evaluate every N rounds (PFLlib's eval_gap): the clients' personalized evaluations (before and "
+        "after training, and after aggregation) and the server's global one; the last round always",
+        AT_LEAST_1,
+    )
     min_train_clients: int = setting(
         0,
         "fewest clients a round needs, and valid updates it aggregates; at most federation.clients",
@@ -248,6 +254,10 @@ class FederationConfig:
         'Ray cluster to join: "" = a private local Ray; "auto" or "HOST:PORT" of a running cluster\'s '
         "head (RAY_ADDRESS in the environment counts too)",
     )
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether round ``server_round`` is evaluated (every ``evaluate_every``-th, and the last)."""
+        return server_round % self.evaluate_every == 0 or server_round >= self.rounds
 
     @property
     def min_clients(self) -> int:

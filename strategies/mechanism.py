@@ -163,6 +163,9 @@ class PartialStrategy(Strategy):
     full_model_rounds : Callable[[int], bool], optional
         Rounds in which clients return their full models (analysis rounds); personal keys are
         dropped again before aggregation.
+    evaluate_rounds : Callable[[int], bool], optional
+        Rounds whose clients evaluate (``federation.evaluate_every``); in the others no evaluate
+        instruction is sent. Every round by default.
     observers : Sequence[RoundObserver], optional
         Metrics recorder, analysis hook, ...
     sampling_seed : int, optional
@@ -193,6 +196,7 @@ class PartialStrategy(Strategy):
         shared_keys: Sequence[str],
         *,
         full_model_rounds: Callable[[int], bool] = lambda _: False,
+        evaluate_rounds: Callable[[int], bool] = lambda _: True,
         observers: Sequence[RoundObserver] = (),
         sampling_seed: int = 0,
         sharing: SharingPolicy | None = None,
@@ -207,6 +211,7 @@ class PartialStrategy(Strategy):
         self.sharing = sharing
         self.shared_keys = sharing.shared_keys() if sharing is not None else list(shared_keys)
         self.full_model_rounds = full_model_rounds
+        self.evaluate_rounds = evaluate_rounds
         self.observers = list(observers)
         self.global_arrays = ArrayRecord()
 
@@ -308,6 +313,8 @@ class PartialStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if not self.evaluate_rounds(server_round):
+            return []
         messages = self._sampled("evaluate", server_round, grid, self.base.configure_evaluate, arrays, config)
         for observer in self.observers:
             observer.on_evaluate_messages(server_round, messages)
@@ -315,6 +322,8 @@ class PartialStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
+        if not self.evaluate_rounds(server_round):
+            return None
         replies = self._in_partition_order(list(replies))
         for observer in self.observers:
             observer.on_evaluate_replies(server_round, replies)

@@ -52,6 +52,7 @@ CASES: list[tuple[list[str], str, str]] = [
     (["federation.fraction_train=1.5"], "federation.fraction_train", "in (0, 1]"),
     (["federation.fraction_train=0"], "federation.fraction_train", "in (0, 1]"),
     (["federation.fraction_evaluate=-0.1"], "federation.fraction_evaluate", "in (0, 1]"),
+    (["federation.evaluate_every=0"], "federation.evaluate_every", ">= 1"),
     (["analysis.every=-1"], "analysis.every", ">= 0"),
     (["analysis.max_clients=1"], "analysis.max_clients", "or 2 to federation.clients=10"),
     (["federation.clients=3", "analysis.every=1", "analysis.max_clients=4"], "analysis.max_clients", "=3"),
@@ -405,3 +406,10 @@ def test_a_run_config_override_without_a_value_names_the_separator() -> None:
         ConfigError, match=r"overrides: 'rounds' is not section.key=value; separate overrides with ';'"
     ):
         run_config_overrides("federation.clients=4;rounds")
+
+
+def test_evaluated_rounds_are_every_nth_and_the_last() -> None:
+    federation = load_config(None, ["federation.rounds=7", "federation.evaluate_every=3"]).federation
+    assert [r for r in range(1, 8) if federation.evaluates(r)] == [3, 6, 7]
+    default = load_config(None, ["federation.rounds=3"]).federation
+    assert all(default.evaluates(r) for r in range(1, 4))

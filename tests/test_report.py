@@ -385,3 +385,13 @@ def test_a_damaged_summary_of_a_compare_run_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(RunFileError) as err:
         SweepRun(Variant.parse("fedavg"), 1, summary.parent).finished()
     assert str(err.value).startswith(f"{summary}: not a JSON file (")
+
+
+def test_accuracy_figure_draws_the_evaluated_rounds_only() -> None:
+    """federation.evaluate_every = 2: rounds 1 and 3 have no accuracies; the curves join rounds 2 and 4."""
+    rows = [{"round": r, "train_loss": 1.0} for r in (1, 3)]
+    rows += [{"round": r, "global_acc": 0.5, "personalized_acc": 0.6} for r in (2, 4)]
+    fig = accuracy_figure(pd.DataFrame(rows).sort_values("round"))
+    assert fig is not None
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2 and all(list(line.get_xdata()) == [2, 4] for line in lines)

@@ -188,9 +188,10 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> Message:
     job = ClientJob.from_message(msg, context)
     task = job.task()
-    before = job.personalized_eval(task) if job.cfg.train.evaluate_before else None
+    evaluating = job.cfg.federation.evaluates(job.server_round)  # federation.evaluate_every
+    before = job.personalized_eval(task) if evaluating and job.cfg.train.evaluate_before else None
     train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
-    loss_after, acc_after = job.personalized_eval(task)
+    after = job.personalized_eval(task) if evaluating else None
     kept = job.state(job.kept_keys()).to_torch_state_dict()
     job.store.save(job.partition_id, job.server_round, join_state(kept, checked_state(job.cfg, task.state)))
     config = msg.content[CONFIG]
@@ -200,10 +201,11 @@ def _train(msg: Message, context: Context) -> Message:
             NUM_EXAMPLES: len(job.train_data),
             PARTITION_ID: job.partition_id,
             "train_loss": train_loss,
-            "personalized_acc_after": acc_after,
-            "personalized_loss_after": loss_after,
         }
     )
+    if after is not None:
+        loss_after, metrics["personalized_acc_after"] = after
+        metrics["personalized_loss_after"] = loss_after
     if before is not None:
         metrics["personalized_loss_before"], metrics["personalized_acc_before"] = before
     if config.get(LMC_MEASURE):

@@ -73,8 +73,10 @@ def accuracy_figure(metrics: pd.DataFrame, title: str = "") -> Figure | None:
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.subplots()
     for key, label in RUN_CURVES.items():
-        if key in metrics and metrics[key].notna().all():
-            ax.plot(metrics["round"], 100 * metrics[key], marker="o", ms=3, label=label)
+        if key in metrics:  # the evaluated rounds (federation.evaluate_every)
+            curve = metrics[["round", key]].dropna()
+            if not curve.empty:
+                ax.plot(curve["round"], 100 * curve[key], marker="o", ms=3, label=label)
     round_axis(ax, metrics["round"])
     ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=title)
     ax.grid(alpha=0.3)

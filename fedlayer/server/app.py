@@ -74,13 +74,17 @@ def sharing_policy(cfg: Config, model: torch.nn.Module, layers: Resolution) -> S
 
 def global_evaluator(
     cfg: Config, data: FederatedData, recorder: RoundRecorder
-) -> Callable[[int, ArrayRecord], MetricRecord]:
-    """Centralized evaluation of the global model on the server's test set, after every round."""
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """Centralized evaluation of the global model on the server's test set, after every evaluated round
+    (``federation.evaluate_every``; round 0, the initial model, too)."""
     device = resolve_device(cfg.train.device)
     model = global_view(initial_model(cfg, data.test, get_algorithm(cfg.strategy).extension)).to(device)
     x, y = data.test.x, data.test.y
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0 and not cfg.federation.evaluates(server_round):
+            recorder.finish_round(server_round)
+            return None
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, x, y, device=device)
         recorder.finish_round(server_round, loss, acc)
@@ -151,6 +155,7 @@ def run_server(
         base,
         layers.shared_keys,
         full_model_rounds=lambda r: is_analysis_round(cfg.analysis, r),
+        evaluate_rounds=cfg.federation.evaluates,
         observers=observers,
         sampling_seed=cfg.seed,
         sharing=sharing,

@@ -129,9 +129,14 @@ class RoundRecorder(RoundObserver):
             accs = np.array([m["personalized_acc"] for m in metrics])
             self.row["personalized_acc_pooled"] = float((accs * sizes).sum() / max(sizes.sum(), 1))
 
-    def finish_round(self, server_round: int, global_loss: float, global_acc: float) -> dict[str, Any]:
-        """Called by the server's evaluate_fn after each round (round 0: the initial model, not written)."""
-        row = {"round": server_round, "global_acc": global_acc, "global_loss": global_loss}
+    def finish_round(
+        self, server_round: int, global_loss: float | None = None, global_acc: float | None = None
+    ) -> dict[str, Any]:
+        """Called by the server's evaluate_fn after each round (round 0: the initial model, not written);
+        a round that is not evaluated (``federation.evaluate_every``) has no global loss and accuracy."""
+        row: dict[str, Any] = {"round": server_round}
+        if global_loss is not None:
+            row |= {"global_acc": global_acc, "global_loss": global_loss}
         if server_round > 0:
             row = self.row | row | {"round_seconds": time.perf_counter() - self.started}
             self.run.append_jsonl(files.METRICS, row)
