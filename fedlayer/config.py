@@ -42,6 +42,7 @@ AlgorithmName = Literal[
     "fedala",
     "fedrod",
     "feddbe",
+    "fedcac",
     "local",
     "partial",
     "lmc",
@@ -319,6 +320,18 @@ class StrategyConfig:
         "feddbe: weight of the pull of the running mean to the global mean (PFLlib's default kl_weight = 0; "
         "its scripts use e.g. 0.001-1)",
         AT_LEAST_0,
+    )
+    cac_tau: float = setting(
+        0.5,
+        "fedcac: share of each parameter tensor a client marks critical (PFLlib's tau, default 1.0 = all; "
+        "FL-bench and the paper's code use 0.5)",
+        Range(0, 1),
+    )
+    cac_beta: int = setting(
+        170,
+        "fedcac: rounds over which the collaboration threshold rises from the mean overlap to the maximum "
+        "(PFLlib's beta, which has no usable default; FL-bench's 170)",
+        AT_LEAST_1,
     )
     lmc_source: LmcSource = setting(
         "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"

@@ -1,10 +1,11 @@
 """The wire: what the server and the clients say to each other, named once.
 
 Flower's Message API carries RecordDicts; fedlayer's messages hold one ArrayRecord (``arrays``), one
-ConfigRecord (``config``) on the way down and one MetricRecord (``metrics``) on the way up. Every key of
-them, the node-config keys a SuperNode is started with, and the way a client's partition id travels (in its
-metrics, or inside the text of an error reply, since Flower passes only the exception text) live here, so
-that both sides and every reader of replies agree by construction.
+ConfigRecord (``config``) on the way down and one MetricRecord (``metrics``) on the way up; an algorithm
+with per-client traffic adds its own named ArrayRecords (FedCAC: ``customized`` down, ``critical`` up).
+Every key of them, the node-config keys a SuperNode is started with, and the way a client's partition id
+travels (in its metrics, or inside the text of an error reply, since Flower passes only the exception text)
+live here, so that both sides and every reader of replies agree by construction.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ CONFIG = "config"  # ConfigRecord of an instruction
 METRICS = "metrics"  # MetricRecord of a reply
 REFERENCE = "reference"  # train instruction, lmc: the server's value of the round's personal blocks
 PLACEMENT = "placement"  # train reply in simulation: ConfigRecord {RAY_NODE: id}
+CUSTOMIZED = "customized"  # instruction, fedcac: this client's customized model (one per client)
+CRITICAL = "critical"  # train reply, fedcac: the client's critical-parameter mask (bool, by parameter)
 RAY_NODE = "ray-node-id"
 
 # Keys of an instruction's ConfigRecord.

@@ -28,7 +28,8 @@ class Algorithm:
     :class:`fedlayer.client.store.PersonalStore` file under ``state.<name>.<key>``; never sent.
     ``extension`` names an entry of ``EXTENSIONS`` in ``fedlayer/models.py``: modules added to any model with
     head / body groups, on the server and the clients (FedRoD's second head); ``shared`` / ``exclude`` say
-    which of its blocks are shared.
+    which of its blocks are shared. ``per_client``: besides the global model the server sends each client a
+    model of its own, from what the clients sent up (FedCAC: :mod:`strategies.fedcac`).
     """
 
     name: str
@@ -41,6 +42,7 @@ class Algorithm:
     dynamic: bool = False  # the shared set changes during the run (lmc); `shared` is the initial set
     state: tuple[str, ...] = ()  # client state the recipe keeps across rounds (never sent)
     extension: str | None = None  # modules added to the model (fedlayer.models.EXTENSIONS)
+    per_client: bool = False  # the server sends each client its own customized model (strategies/fedcac.py)
 
     def selector(self, strategy: StrategyConfig) -> Selector:
         from fedlayer.layers import Selector
@@ -116,6 +118,16 @@ ALGORITHMS: dict[str, Algorithm] = {
             recipe="feddbe",
             state=("dbe_global",),
             extension="dbe",
+        ),
+        Algorithm(
+            "fedcac",
+            _ALL,
+            "FedAvg + each client's critical parameters averaged only with clients whose critical sets "
+            "overlap (Wu et al., 2023)",
+            recipe="fedcac",
+            personalization="cac_customized",
+            state=("critical",),
+            per_client=True,
         ),
         Algorithm("local", (), "nothing averaged: independent local training"),
         Algorithm(

@@ -16,7 +16,10 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedlayer.contract import (
+    ARRAYS,
     COST_PREFIX,
+    CRITICAL,
+    CUSTOMIZED,
     FULL_MODEL,
     LMC_MEASURE,
     NUM_EXAMPLES,
@@ -24,6 +27,7 @@ from fedlayer.contract import (
     error_cause,
     partition_of,
 )
+from strategies.fedcac import CriticalCollaboration, Tensors
 from strategies.sharing import SharingPolicy
 
 
@@ -102,6 +106,9 @@ class RoundFailedError(RuntimeError):
     """Too few valid client updates for the strategy's minimum: the run ends (its last checkpoint stays)."""
 
 
+UPLINK = {CRITICAL}  # ArrayRecords a reply may carry beside ARRAYS (per-client algorithms)
+
+
 def reply_fault(
     reply: Message, reference: ArrayRecord, required: set[str], allowed: set[str]
 ) -> tuple[str, str]:
@@ -109,13 +116,13 @@ def reply_fault(
     if reply.has_error():
         return "error", error_cause(reply.error.reason or "")[:500]
     content = reply.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        return "malformed", "expected one ArrayRecord and one MetricRecord"
+    if set(content.array_records) - UPLINK != {ARRAYS} or len(content.metric_records) != 1:
+        return "malformed", f"expected the ArrayRecord {ARRAYS!r} and one MetricRecord"
     metrics = next(iter(content.metric_records.values()))
     weight = metrics.get(NUM_EXAMPLES)
     if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
         return "malformed", f"num-examples = {weight!r}"
-    arrays = next(iter(content.array_records.values()))
+    arrays = content.array_records[ARRAYS]
     keys = set(arrays.keys())
     if missing := sorted(required - keys):
         return "missing-keys", ", ".join(missing[:5])
@@ -163,6 +170,9 @@ class PartialStrategy(Strategy):
     full_model_rounds : Callable[[int], bool], optional
         Rounds in which clients return their full models (analysis rounds); personal keys are
         dropped again before aggregation.
+    downlink : CriticalCollaboration, optional
+        Per-client models (FedCAC): after each round's training it reads the replies' ``critical`` masks
+        and models; each later instruction to a client carries that client's ``customized`` model.
     evaluate_rounds : Callable[[int], bool], optional
         Rounds whose clients evaluate (``federation.evaluate_every``); in the others no evaluate
         instruction is sent. Every round by default.
@@ -197,6 +207,7 @@ class PartialStrategy(Strategy):
         *,
         full_model_rounds: Callable[[int], bool] = lambda _: False,
         evaluate_rounds: Callable[[int], bool] = lambda _: True,
+        downlink: CriticalCollaboration | None = None,
         observers: Sequence[RoundObserver] = (),
         sampling_seed: int = 0,
         sharing: SharingPolicy | None = None,
@@ -212,6 +223,7 @@ class PartialStrategy(Strategy):
         self.shared_keys = sharing.shared_keys() if sharing is not None else list(shared_keys)
         self.full_model_rounds = full_model_rounds
         self.evaluate_rounds = evaluate_rounds
+        self.downlink = downlink
         self.observers = list(observers)
         self.global_arrays = ArrayRecord()
 
@@ -238,6 +250,7 @@ class PartialStrategy(Strategy):
         full = self.full_model_rounds(server_round) or collect
         config = ConfigRecord(dict(config) | {FULL_MODEL: full, LMC_MEASURE: measure})
         messages = self._sampled("train", server_round, grid, self.base.configure_train, arrays, config)
+        messages = self._per_client(messages)
         if measure and collect and messages:
             # One RecordDict is shared by all messages: the reference of the personal blocks is added once.
             messages[0].content[REFERENCE] = select_arrays(arrays, self._personal_keys())
@@ -270,6 +283,8 @@ class PartialStrategy(Strategy):
                 f"={self.base.min_train_nodes}; excluded: {_describe(faults)}"
             )
         personal = self._decide(server_round, replies)
+        if self.downlink is not None:
+            self.downlink.observe(server_round, _uploads(replies))
         for reply in replies:
             if reply.has_content():
                 reply.content = restrict_content(reply.content, self.shared_keys)
@@ -316,6 +331,7 @@ class PartialStrategy(Strategy):
         if not self.evaluate_rounds(server_round):
             return []
         messages = self._sampled("evaluate", server_round, grid, self.base.configure_evaluate, arrays, config)
+        messages = self._per_client(messages)
         for observer in self.observers:
             observer.on_evaluate_messages(server_round, messages)
         return messages
@@ -394,6 +410,22 @@ class PartialStrategy(Strategy):
         finally:
             random.setstate(state)
 
+    def _per_client(self, messages: list[Message]) -> list[Message]:
+        """With a per-client downlink, each message gets its own content: the common one plus the client's
+        ``customized`` record (Flower's strategies give all messages one RecordDict)."""
+        if self.downlink is None:
+            return messages
+        found = []
+        for msg in messages:
+            partition = self.partitions.get(msg.metadata.dst_node_id)
+            extra = self.downlink.downlink(partition) if partition is not None else None
+            if extra is not None:
+                content = RecordDict(dict(msg.content.items()) | {CUSTOMIZED: extra})
+                meta = msg.metadata
+                msg = Message(content, meta.dst_node_id, meta.message_type, group_id=meta.group_id)
+            found.append(msg)
+        return found
+
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
         return select_arrays(arrays, self.shared_keys)
 
@@ -403,6 +435,20 @@ class PartialStrategy(Strategy):
         if not valid:
             return None
         return self.base.train_metrics_aggr_fn(valid, self.base.weighted_by_key)
+
+
+def _uploads(replies: Sequence[Message]) -> dict[int, tuple[Tensors, Tensors]]:
+    """Partition id -> (model, critical mask) of the train replies that carry a mask; the masks are taken
+    out of the replies (Flower's aggregation expects one ArrayRecord)."""
+    found: dict[int, tuple[Tensors, Tensors]] = {}
+    for reply in replies:
+        if reply.has_content() and CRITICAL in reply.content.array_records:
+            mask = reply.content.array_records[CRITICAL].to_torch_state_dict()
+            del reply.content[CRITICAL]
+            partition = partition_of(reply, {})
+            if partition is not None:
+                found[partition] = (reply.content.array_records[ARRAYS].to_torch_state_dict(), mask)
+    return found
 
 
 def _describe(faults: Sequence[ClientFault]) -> str:

@@ -29,8 +29,9 @@ EXTRA = {
     "fedala": HOOK,
     "fedrod": HOOK,
     "feddbe": ["strategy.dbe_kl_weight=1.0", *HOOK],  # PFLlib's 0 would leave the regularizer untested
+    "fedcac": ["strategy.cac_beta=1", *HOOK],  # from round 2 on no client collaborates: customized = own
 }
-METHODS = ["ditto", "fedala", "fedrod", "feddbe"]
+METHODS = ["ditto", "fedala", "fedrod", "feddbe", "fedcac"]
 
 
 def simulated(data_root: Path, out: Path, name: str, ray_address: str) -> RunDir:
@@ -98,6 +99,8 @@ def test_bytes_up_is_the_shared_payload(runs: dict[str, RunDir], name: str) -> N
         rows = rows[:1]
     for row in rows:
         payload = shared_bytes(runs[name], row)
+        if ALGORITHMS[name].per_client:  # the critical mask too: one byte per parameter (no buffers here)
+            payload += sum(v.numel() for v in state(runs[name], "initial_model.pt").values())
         # Flower counts the key names too: a few bytes per array on top of the data.
         assert 3 * payload <= row["bytes_up"] <= 3 * payload + 3 * 4096
 
@@ -133,3 +136,19 @@ def test_fedbabu_head_never_changes(runs: dict[str, RunDir]) -> None:
         personal = torch.load(path, weights_only=True)
         if "fc2.weight" in personal:
             assert torch.equal(personal["fc2.weight"], initial["fc2.weight"])
+
+
+def test_fedcac_sends_each_client_its_customized_model_and_keeps_its_mask(runs: dict[str, RunDir]) -> None:
+    """Round 1's evaluate instructions and all of round 2's carry a customized model (one per client, 3
+    clients), round 1's train instructions none; each client keeps a critical mask of half its parameters."""
+    run = runs["fedcac"]
+    first, second = run.read_jsonl()
+    model = sum(v.numel() * v.element_size() for v in state(run, "initial_model.pt").values())
+    assert 3 * model <= second["bytes_down"] - first["bytes_down"] <= 3 * model + 3 * 4096
+    saved = [torch.load(p, weights_only=True) for p in sorted(run.path.glob("clients/partition-*/*.pt"))]
+    masks = [{k: v for k, v in s.items() if k.startswith("state.critical.")} for s in saved]
+    assert len(masks) == 3 and all(m for m in masks)
+    for mask in masks:
+        assert all(v.dtype == torch.bool for v in mask.values())
+        share = sum(int(v.sum()) for v in mask.values()) / sum(v.numel() for v in mask.values())
+        assert 0.49 <= share <= 0.55  # strategy.cac_tau = 0.5 per tensor (ties at the threshold count)

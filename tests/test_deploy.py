@@ -547,10 +547,12 @@ def test_a_supernode_whose_data_cannot_be_read_is_a_fault_on_the_console(
 @slow
 def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: Path) -> None:
     """--tls --auth: two registered SuperNodes train over TLS; a third, not registered, is refused (without
-    --enable-supernode-auth the SuperLink would let it register itself and join)."""
+    --enable-supernode-auth the SuperLink would let it register itself and join). FedCAC: per-client
+    messages through the SuperLink (each evaluate instruction carries that client's customized model, each
+    train reply a critical mask beside the model)."""
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "docker" / "certs.sh"), str(certs)], check=True, capture_output=True)
-    overrides = experiment(tiny_fmnist, rounds=1)
+    overrides = [*experiment(tiny_fmnist, rounds=1), "strategy.name='fedcac'"]
     out = prepare_out(tmp_path / "run", overwrite=False)
     tls = TlsFiles.from_dir(certs)
     with LocalDeployment(2, ROOT, tls, tmp_path / "work", ROOT, auth=True) as deployment:
@@ -572,6 +574,13 @@ def test_only_registered_supernodes_join_with_auth(tiny_fmnist: Path, tmp_path: 
         assert "--insecure` was set" not in (out / "deploy" / f"{log}.log").read_text(), log
     (row,) = read_metrics(out)
     assert row["clients_trained"] == 2 and row["client_failures"] == 0
+    model = torch.load(out / "initial_model.pt", weights_only=True)
+    count = sum(v.numel() for v in model.values())
+    size = sum(v.numel() * v.element_size() for v in model.values())
+    # down: the model to train (x2), then the model and a customized model to evaluate (x2); up: the
+    # trained model and its mask (one byte per parameter) from each; Flower adds a few bytes per array
+    assert 6 * size <= row["bytes_down"] <= 6 * size + 6 * 4096
+    assert 2 * (size + count) <= row["bytes_up"] <= 2 * (size + count) + 4 * 4096
     assert leftovers(tmp_path) == [], "processes left behind"
 
 

@@ -32,6 +32,7 @@ from fedlayer.config import Config, config_from_dict
 from fedlayer.contract import (
     ARRAYS,
     CONFIG,
+    CUSTOMIZED,
     EXPERIMENT,
     FULL_MODEL,
     LMC_MEASURE,
@@ -88,6 +89,7 @@ class ClientJob:
     incoming: dict[str, torch.Tensor]  # the received values, before training
     store: PersonalStore
     client_state: dict[str, torch.Tensor]  # the recipe's state across rounds ("<name>.<key>"), never sent
+    downlink: dict[str, torch.Tensor]  # this client's own record from the server (fedcac: customized model)
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientJob:
@@ -105,6 +107,7 @@ class ClientJob:
         arrays = msg.content[ARRAYS]
         incoming = arrays.to_torch_state_dict()  # type: ignore[union-attr]
         load_state(model, incoming)
+        own = msg.content.array_records.get(CUSTOMIZED)
         return cls(
             cfg,
             partition_id,
@@ -117,6 +120,7 @@ class ClientJob:
             incoming,
             store,
             client_state,
+            own.to_torch_state_dict() if own is not None else {},
         )
 
     def task(self) -> LocalTask:
@@ -134,6 +138,7 @@ class ClientJob:
             head,
             set(self.received) & params,
             self.client_state,
+            self.downlink,
         )
 
     def personalized_eval(self, task: LocalTask, *, last_round: bool = False) -> tuple[float, float]:
@@ -213,6 +218,8 @@ def _train(msg: Message, context: Context) -> Message:
             metrics[key] = cost
     arrays = job.state(None if full else job.received)
     content = RecordDict({ARRAYS: arrays, METRICS: metrics})
+    for name, tensors in task.upload.items():  # per-client records up (fedcac: the critical mask)
+        content[name] = ArrayRecord(tensors)
     node = _ray_node_id()
     if node is not None:
         content[PLACEMENT] = ConfigRecord({RAY_NODE: node})

@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedlayer.config import StrategyConfig, TrainConfig
+from fedlayer.contract import CRITICAL
 from fedlayer.models import FeatureBias, PersonalHead, RunningMean, hooks_of
 from fedlayer.training import Proximal, train_epochs
 from strategies.algorithms import Algorithm
@@ -37,6 +38,8 @@ class LocalTask:
     head: set[str]  # parameter names of the head group
     shared: set[str]  # parameter names the server averages
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # client state, "<name>.<key>"
+    downlink: dict[str, torch.Tensor] = field(default_factory=dict)  # this client's own record (fedcac)
+    upload: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # records sent up, by name
 
     def entry(self, name: str) -> dict[str, torch.Tensor]:
         """The client state ``name`` (declared by the algorithm) by model key; empty before it exists."""
@@ -244,6 +247,56 @@ def feddbe(task: LocalTask) -> float:
     return task.run(task.train.epochs, trainable=trainable, loss_fn=loss)
 
 
+CAC_ZERO = 1e-10  # PFLlib's FedCAC: a threshold at or below this is replaced by the least value above 1e-20
+
+
+def fedcac(task: LocalTask) -> float:
+    """FedCAC (Wu et al., 2023): the client takes its critical parameters (client state ``critical``, from
+    its last training) from its customized model (the server's ``customized`` record) and the others from the
+    global model, trains as in FedAvg, then marks the ``cac_tau`` share of each parameter tensor with the
+    largest |Δθ ⊙ θ| as critical and sends the mask up (server: :mod:`strategies.fedcac`)."""
+    _take_customized(task.model, task)
+    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
+    loss = task.run(task.train.epochs)
+    after = {name: p.detach() for name, p in task.model.named_parameters()}
+    mask = critical_mask(before, after, task.strategy.cac_tau)
+    task.keep("critical", mask)
+    task.upload[CRITICAL] = mask
+    return loss
+
+
+def critical_mask(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], tau: float
+) -> dict[str, torch.Tensor]:
+    """Per tensor, True where |(θ_after - θ_before) ⊙ θ_after| is among its ``tau`` share of largest values
+    (ties at the threshold included; none for a share below one element)."""
+    masks = {}
+    for name, new in after.items():
+        sensitivity = ((new - before[name]) * new).abs()
+        flat = sensitivity.flatten()
+        count = int(tau * flat.numel())
+        threshold = torch.topk(flat, count).values[-1] if count > 0 else torch.tensor(float("inf"))
+        if threshold <= CAC_ZERO:
+            nonzero = flat[flat > 1e-20]
+            if nonzero.numel() > 0:
+                threshold = nonzero.min()
+        masks[name] = (sensitivity >= threshold).cpu()
+    return masks
+
+
+def _take_customized(model: nn.Module, task: LocalTask) -> None:
+    """FedCAC: the critical parameters from the customized model, once per instruction (in place)."""
+    masks, customized = task.entry("critical"), task.downlink
+    task.downlink = {}  # taken: what trains from here, and what is evaluated after training, is the model
+    if not masks or not customized:
+        return
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in masks and name in customized:
+                own = customized[name].to(param.device, param.dtype)
+                param.copy_(torch.where(masks[name].to(param.device), own, param))
+
+
 H = TypeVar("H", PersonalHead, FeatureBias)
 
 
@@ -294,6 +347,16 @@ def ala_mixed(task: LocalTask, last_round: bool) -> nn.Module:
     return model
 
 
+def cac_customized(task: LocalTask, last_round: bool) -> nn.Module:
+    """FedCAC: the received model with the critical parameters taken from the customized model (what the
+    client would train from); after training in the same instruction, the trained model."""
+    if not task.downlink:
+        return task.model
+    model = copy.deepcopy(task.model)
+    _take_customized(model, copy.copy(task))  # a shallow copy: the task keeps its record for training
+    return model
+
+
 RECIPES: dict[str, Callable[[LocalTask], float]] = {
     "sgd": sgd,
     "fedprox": fedprox,
@@ -303,12 +366,14 @@ RECIPES: dict[str, Callable[[LocalTask], float]] = {
     "fedala": fedala,
     "fedrod": fedrod,
     "feddbe": feddbe,
+    "fedcac": fedcac,
 }
 PERSONALIZATIONS: dict[str, Callable[[LocalTask, bool], nn.Module]] = {
     "as_is": as_is,
     "finetune": finetune,
     "personal_model": personal_model,
     "ala_mixed": ala_mixed,
+    "cac_customized": cac_customized,
 }
 
 

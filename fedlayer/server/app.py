@@ -45,6 +45,7 @@ from fedlayer.server.observers import (
 )
 from fedlayer.training import evaluate, resolve_device
 from strategies import PartialStrategy, RoundObserver, aggregator_name, get_algorithm, make_aggregator
+from strategies.fedcac import CriticalCollaboration
 from strategies.lmc import LmcPolicy, ServerCosts, SharingLog, lmc_policy
 from strategies.sharing import SharingPolicy
 
@@ -151,11 +152,13 @@ def run_server(
             observers.append(ServerCosts(hook.rows_of, sharing))
         observers.append(SharingLog(sharing, lambda record: run.write_json(files.LAYERS_BY_ROUND, record)))
     base = make_aggregator(aggregator_name(cfg.strategy), cfg.strategy, cfg.federation)
+    per_client = get_algorithm(cfg.strategy).per_client
     strategy = PartialStrategy(
         base,
         layers.shared_keys,
         full_model_rounds=lambda r: is_analysis_round(cfg.analysis, r),
         evaluate_rounds=cfg.federation.evaluates,
+        downlink=CriticalCollaboration(cfg.strategy.cac_beta) if per_client else None,
         observers=observers,
         sampling_seed=cfg.seed,
         sharing=sharing,

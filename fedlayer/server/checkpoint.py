@@ -49,6 +49,7 @@ class Checkpoint:
     metrics: str
     row_files: dict[str, int]
     sharing: dict[str, Any]  # the sharing policy's state (lmc: shared set, history, costs)
+    downlink: dict[str, Any]  # the per-client models' state (fedcac: the customized models)
 
 
 def save_checkpoint(run: RunDir, server_round: int, arrays: ArrayRecord, strategy: PartialStrategy) -> None:
@@ -64,6 +65,7 @@ def save_checkpoint(run: RunDir, server_round: int, arrays: ArrayRecord, strateg
         },
         "rng": _rng_state(),
         "sharing": strategy.sharing.state() if strategy.sharing is not None else {},
+        "downlink": strategy.downlink.state() if strategy.downlink is not None else {},
         "metrics": run.file(METRICS).read_text() if run.file(METRICS).exists() else "",
         "row_files": {p.name: p.stat().st_size for p in _row_files(run)},
     }
@@ -86,6 +88,7 @@ def load_checkpoint(run: RunDir) -> Checkpoint:
             raw["metrics"],
             raw["row_files"],
             raw.get("sharing", {}),
+            raw.get("downlink", {}),
         )
     except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError, ... for a damaged file
         raise ConfigError(
@@ -110,6 +113,8 @@ def restore(run: RunDir, ckpt: Checkpoint, strategy: PartialStrategy) -> None:
     _set_rng_state(ckpt.rng)
     if strategy.sharing is not None and ckpt.sharing:
         strategy.sharing.load_state(ckpt.sharing)
+    if strategy.downlink is not None and ckpt.downlink:
+        strategy.downlink.load_state(ckpt.downlink)
     strategy.round_offset = ckpt.round
     PersonalStore(run.file(CLIENT_STATE)).drop_after(ckpt.round)
 
