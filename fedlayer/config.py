@@ -78,7 +78,7 @@ BN_MODES: tuple[str, ...] = typing.get_args(BnMode)
 
 DEFAULT_EXPERIMENT = "experiments/default.toml"  # `make run`, `fedlayer run` without CONFIG, `flwr run .`
 DEFAULT_MIN_CLIENTS = 2  # Flower's default min_train_nodes
-DEFAULT_PAIR_CLIENTS = 4  # clients analysed per round unless analysis.max_clients says otherwise
+DEFAULT_PAIR_CLIENTS = 3  # clients analysed per round unless analysis.max_clients says otherwise (3 pairs)
 
 
 class ConfigError(ValueError):
@@ -382,7 +382,9 @@ class AnalysisConfig:
     data: AnalysisData = setting(
         "global_test", "evaluation data: the global test set, or the pair's local training data"
     )
-    samples: int = setting(500, "evaluation samples per pair", AT_LEAST_1)
+    samples: int = setting(
+        300, "evaluation samples per pair (bench/RESULTS.md: precision vs 2,000)", AT_LEAST_1
+    )
     alphas: list[float] = setting(
         [], "α grid: [] = midpoint only, else at least 2 distinct values", Range(0, 1)
     )

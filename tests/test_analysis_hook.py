@@ -50,10 +50,10 @@ def test_pairs_cover_clients_and_global() -> None:
     assert not is_analysis_round(AnalysisConfig(every=0), 3)
 
 
-def test_default_max_clients_is_up_to_four_of_the_sampled() -> None:
+def test_default_max_clients_is_up_to_three_of_the_sampled() -> None:
     default = AnalysisConfig(every=1)
-    assert pairs_of(default, [7, 1, 3]) == [(1, 3), (1, 7), (3, 7)]
-    assert len(pairs_of(default, list(range(10)))) == 6  # 4 clients: 6 pairs
+    assert pairs_of(default, [7, 1]) == [(1, 7)]
+    assert pairs_of(default, list(range(10))) == [(0, 1), (0, 2), (1, 2)]  # the first 3: 3 pairs
 
 
 def test_rows_for_every_block_and_base_and_zero_for_identical_models(

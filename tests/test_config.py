@@ -251,7 +251,7 @@ def test_defaults_never_conflict_with_valid_settings(clients: int) -> None:
     """Defaults that depend on federation.clients (analysis.max_clients, min_train_clients) follow it."""
     cfg = load_config(DEFAULT, [f"federation.clients={clients}", "analysis.every=1"])
     assert cfg.federation.min_clients == min(2, clients)
-    assert cfg.analysis.pair_clients == 4  # pairs_of takes at most the sampled clients
+    assert cfg.analysis.pair_clients == 3  # pairs_of takes at most the sampled clients
     with pytest.raises(ConfigError, match="federation.min_train_clients"):
         load_config(DEFAULT, [f"federation.clients={clients}", f"federation.min_train_clients={clients + 1}"])
 
