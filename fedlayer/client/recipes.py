@@ -256,6 +256,7 @@ def fedcac(task: LocalTask) -> float:
     global model, trains as in FedAvg, then marks the ``cac_tau`` share of each parameter tensor with the
     largest |Δθ ⊙ θ| as critical and sends the mask up (server: :mod:`strategies.fedcac`)."""
     _take_customized(task.model, task)
+    task.downlink = {}  # taken: what is evaluated after training is the trained model
     before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
     loss = task.run(task.train.epochs)
     after = {name: p.detach() for name, p in task.model.named_parameters()}
@@ -285,15 +286,13 @@ def critical_mask(
 
 
 def _take_customized(model: nn.Module, task: LocalTask) -> None:
-    """FedCAC: the critical parameters from the customized model, once per instruction (in place)."""
-    masks, customized = task.entry("critical"), task.downlink
-    task.downlink = {}  # taken: what trains from here, and what is evaluated after training, is the model
-    if not masks or not customized:
-        return
+    """FedCAC: ``model``'s critical parameters (client state ``critical``) from the customized model, in
+    place; the others stay as received."""
+    masks = task.entry("critical")
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name in masks and name in customized:
-                own = customized[name].to(param.device, param.dtype)
+            if name in masks and name in task.downlink:
+                own = task.downlink[name].to(param.device, param.dtype)
                 param.copy_(torch.where(masks[name].to(param.device), own, param))
 
 
@@ -353,7 +352,7 @@ def cac_customized(task: LocalTask, last_round: bool) -> nn.Module:
     if not task.downlink:
         return task.model
     model = copy.deepcopy(task.model)
-    _take_customized(model, copy.copy(task))  # a shallow copy: the task keeps its record for training
+    _take_customized(model, task)
     return model
 
 
