@@ -1,9 +1,10 @@
 """Where one round of a setting spends its time: the client work of every client, in this process.
 
 Runs the client side of one round for every client sequentially without Flower or Ray — local training,
-the personalized evaluations (before training, after training, and the evaluate phase after aggregation),
-the state-dict <-> ArrayRecord conversions of one reply — plus the server's aggregation and global
-evaluation, each timed separately. Divide the client sums by the number of client actors running in
+the personalized evaluations (before and after training where ``train.evaluate_before`` / ``evaluate_after``
+are on, and the evaluate phase after aggregation), the state-dict <-> ArrayRecord conversions of one reply —
+plus the server's aggregation and global evaluation (left out where the server takes it from the clients'
+evaluate phase), each timed separately. Divide the client sums by the number of client actors running in
 parallel and compare with the round time the simulation reports: the rest is Flower's and Ray's
 (scheduling, message passing, actor calls).
 
@@ -36,6 +37,7 @@ from fedlayer.analysis.sharing import cost_sample, sharing_costs
 from fedlayer.config import Config, load_config
 from fedlayer.experiment import FederatedData, client_generator, federated_data, initial_model
 from fedlayer.models import model_blocks
+from fedlayer.server.app import global_is_pooled_personalized, shared_layers
 from fedlayer.server.hook import BarrierWorker
 from fedlayer.training import evaluate, resolve_device, train_epochs
 
@@ -70,8 +72,9 @@ def client_round(cfg: Config, data: FederatedData, pid: int, server_round: int, 
         train_epochs(
             model, train.x, train.y, cfg.train, epochs=cfg.train.epochs, device=device, generator=generator
         )
-    with watch("eval_after"):
-        evaluate(model, test.x, test.y, device=device)
+    if cfg.train.evaluate_after:
+        with watch("eval_after"):
+            evaluate(model, test.x, test.y, device=device)
     if cfg.strategy.name == "lmc":
         reference = initial_model(cfg, data.test).state_dict()  # any reference costs the same
         generator = torch.Generator().manual_seed(pid)
@@ -96,8 +99,9 @@ def profile(cfg: Config, server_round: int, hook: bool) -> Stopwatch:
     origin = model.state_dict()
     with watch("server_aggregate"):
         model.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
-    with watch("server_global_eval"):
-        evaluate(model, data.test.x, data.test.y, device=torch.device("cpu"))
+    if not global_is_pooled_personalized(cfg, shared_layers(cfg, model)):  # else pooled from the clients
+        with watch("server_global_eval"):
+            evaluate(model, data.test.x, data.test.y, device=torch.device("cpu"))
     if hook:
         worker = BarrierWorker(cfg)  # sets one torch thread, as in its actor
         with watch("hook"):

@@ -1,11 +1,14 @@
 """Simulation overhead: the same local work through fedlayer's Flower simulation vs a plain torch loop.
 
 Both sides use the same partitions, initial model, seeds, recipe and evaluations per round:
-each client evaluates (before), trains, evaluates (after); the server averages; every client
-evaluates the new model; the server evaluates the global model. Prints start-up seconds and the
-steady-state round-time ratio (simulation / plain), median over rounds >= 2.
+each client evaluates (before, where ``train.evaluate_before``), trains, evaluates (after, where
+``train.evaluate_after``); the server averages; every client evaluates the new model; the server evaluates
+the global model unless the clients' evaluations were that already (pooled data, FedAvg:
+``fedlayer.server.app.global_is_pooled_personalized``). Prints start-up seconds and the steady-state
+round-time ratio (simulation / plain), median over rounds >= 2.
 
-    .venv/bin/python bench/sim_overhead.py [--rounds 4] [--clients 10] [--max-samples 12000]
+    .venv/bin/python bench/sim_overhead.py [--config TOML] [--rounds 4] [--clients 10] [--max-samples 12000]
+                                           [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from fedlayer.config import Config, load_config
 from fedlayer.experiment import client_generator, federated_data, initial_model
 from fedlayer.run.rundir import RunDir
+from fedlayer.server.app import global_is_pooled_personalized, shared_layers
 from fedlayer.simulation import simulate
 from fedlayer.training import evaluate, train_epochs
 
@@ -37,7 +41,8 @@ def plain_round(cfg: Config, global_model: torch.nn.Module, server_round: int) -
     for split in data.splits:
         train, test = data.client(split.partition_id)
         model = copy.deepcopy(global_model)
-        evaluate(model, test.x, test.y, device=device)
+        if cfg.train.evaluate_before:
+            evaluate(model, test.x, test.y, device=device)
         train_epochs(
             model,
             train.x,
@@ -47,7 +52,8 @@ def plain_round(cfg: Config, global_model: torch.nn.Module, server_round: int) -
             device=device,
             generator=client_generator(cfg, split.partition_id, server_round),
         )
-        evaluate(model, test.x, test.y, device=device)
+        if cfg.train.evaluate_after:
+            evaluate(model, test.x, test.y, device=device)
         states.append(model.state_dict())
         weights.append(len(train))
     total = sum(weights)
@@ -59,7 +65,8 @@ def plain_round(cfg: Config, global_model: torch.nn.Module, server_round: int) -
     for split in data.splits:
         _, test = data.client(split.partition_id)
         evaluate(global_model, test.x, test.y, device=device)
-    evaluate(global_model, data.test.x, data.test.y, device=device)
+    if not global_is_pooled_personalized(cfg, shared_layers(cfg, global_model)):
+        evaluate(global_model, data.test.x, data.test.y, device=device)
     return global_model
 
 
@@ -98,6 +105,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--max-samples", type=int, default=12000)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config key=value")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     cfg = load_config(
@@ -107,6 +115,7 @@ def main() -> None:
             f"federation.clients={args.clients}",
             f"data.max_samples={args.max_samples}",
             "train.device='cpu'",
+            *args.overrides,
         ],
     )
     sim_startup, sim_rounds = run_simulation(cfg)
@@ -116,6 +125,7 @@ def main() -> None:
         "clients": args.clients,
         "rounds": args.rounds,
         "max_samples": args.max_samples,
+        "overrides": args.overrides,
         "startup_s": {"simulation": round(sim_startup, 2), "plain": round(plain_startup, 2)},
         "round_s": {
             "simulation": [round(t, 3) for t in sim_rounds],

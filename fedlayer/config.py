@@ -217,6 +217,9 @@ class TrainConfig:
     evaluate_before: bool = setting(
         True, "personalized evaluation before local training (personalized_acc_before)"
     )
+    evaluate_after: bool = setting(
+        True, "personalized evaluation right after local training (personalized_acc_after)"
+    )
     device: Device = setting("auto", "where clients train; auto = CUDA when present")
 
 

@@ -14,9 +14,11 @@ import torch
 from sim_helpers import ray_cluster
 
 from fedlayer.config import load_config
+from fedlayer.experiment import federated_data, initial_model
 from fedlayer.run.readers import read_barriers
 from fedlayer.run.rundir import RunDir
 from fedlayer.simulation import simulate
+from fedlayer.training import evaluate
 from strategies import ALGORITHMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,7 @@ HOOK = ["analysis.every=2", "analysis.max_clients=2", "analysis.samples=64"]
 EXTRA = {
     "partial": ["strategy.shared=['conv1', 'conv2']"],
     "fedbn": ["model.norm='batch'"],
+    "fedprox": ["data.pool='train+test'"],  # the server takes the global metrics from the clients
     "ditto": ["strategy.ditto_mu=0.1", *HOOK],  # PFLlib's default 0 would leave the pull untested
     "fedala": HOOK,
     "fedrod": HOOK,
@@ -103,6 +106,26 @@ def test_bytes_up_is_the_shared_payload(runs: dict[str, RunDir], name: str) -> N
             payload += sum(v.numel() for v in state(runs[name], "initial_model.pt").values())
         # Flower counts the key names too: a few bytes per array on top of the data.
         assert 3 * payload <= row["bytes_up"] <= 3 * payload + 3 * 4096
+
+
+@pytest.mark.parametrize(("name", "derived"), [("fedprox", 2), ("fedavg", 0)])
+def test_global_metrics_equal_an_evaluation_of_the_final_model(
+    runs: dict[str, RunDir], name: str, derived: int
+) -> None:
+    """FedProx on pooled data: the server evaluates nothing itself (the clients' evaluate phase covered its
+    test set with the global model); FedAvg on the dataset's own test set: the server evaluates."""
+    run = runs[name]
+    cfg = load_config(run.file("config.resolved.toml"))
+    data = federated_data(cfg)
+    model = initial_model(cfg, data.test)
+    model.load_state_dict(state(run, "model.pt"))
+    loss, acc = evaluate(model, data.test.x, data.test.y, device=torch.device("cpu"))
+    last = run.read_jsonl()[-1]
+    assert json.loads(run.file("summary.json").read_text())["global_from_clients"] == derived
+    assert last["global_acc"] == pytest.approx(acc, abs=1e-12)
+    assert last["global_loss"] == pytest.approx(loss, rel=1e-5)
+    if derived:
+        assert last["global_acc"] == last["personalized_acc_pooled"]
 
 
 def test_lmc_uploads_only_the_blocks_it_still_shares(runs: dict[str, RunDir]) -> None:

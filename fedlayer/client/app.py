@@ -196,7 +196,7 @@ def _train(msg: Message, context: Context) -> Message:
     evaluating = job.cfg.federation.evaluates(job.server_round)  # federation.evaluate_every
     before = job.personalized_eval(task) if evaluating and job.cfg.train.evaluate_before else None
     train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
-    after = job.personalized_eval(task) if evaluating else None
+    after = job.personalized_eval(task) if evaluating and job.cfg.train.evaluate_after else None
     kept = job.state(job.kept_keys()).to_torch_state_dict()
     job.store.save(job.partition_id, job.server_round, join_state(kept, checked_state(job.cfg, task.state)))
     config = msg.content[CONFIG]

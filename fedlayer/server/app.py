@@ -73,25 +73,58 @@ def sharing_policy(cfg: Config, model: torch.nn.Module, layers: Resolution) -> S
     return lmc_policy(cfg.strategy, model, layers)
 
 
-def global_evaluator(
-    cfg: Config, data: FederatedData, recorder: RoundRecorder
-) -> Callable[[int, ArrayRecord], MetricRecord | None]:
-    """Centralized evaluation of the global model on the server's test set, after every evaluated round
-    (``federation.evaluate_every``; round 0, the initial model, too)."""
-    device = resolve_device(cfg.train.device)
-    model = global_view(initial_model(cfg, data.test, get_algorithm(cfg.strategy).extension)).to(device)
-    x, y = data.test.x, data.test.y
+def global_is_pooled_personalized(cfg: Config, layers: Resolution) -> bool:
+    """Whether the server's global evaluation repeats the clients' evaluate phase: every client evaluates
+    the global model itself (all of it shared, no extension, evaluated as it is, the same model for all)
+    on its local test split, and the server's test set is the union of those splits (pooled data, not
+    sub-sampled, labels as the clients see them). Then the pooled client results are the global ones."""
+    algorithm = get_algorithm(cfg.strategy)
+    return (
+        not layers.personal_keys
+        and algorithm.personalization == "as_is"
+        and algorithm.extension is None
+        and not algorithm.per_client
+        and not algorithm.dynamic
+        and cfg.data.pool == "train+test"
+        and cfg.data.max_test_samples == 0
+        and cfg.data.label_shift == "none"
+    )
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round > 0 and not cfg.federation.evaluates(server_round):
-            recorder.finish_round(server_round)
+
+class GlobalEvaluator:
+    """Centralized evaluation of the global model on the server's test set, after every evaluated round
+    (``federation.evaluate_every``; round 0, the initial model, too).
+
+    With ``from_clients`` (:func:`global_is_pooled_personalized`), a round whose evaluate phase covered the
+    whole test set takes the pooled client results instead of evaluating again (``derived`` counts them).
+    """
+
+    def __init__(self, cfg: Config, data: FederatedData, recorder: RoundRecorder, from_clients: bool) -> None:
+        self.cfg, self.recorder, self.from_clients = cfg, recorder, from_clients
+        self.device = resolve_device(cfg.train.device)
+        extension = get_algorithm(cfg.strategy).extension
+        self.model = global_view(initial_model(cfg, data.test, extension)).to(self.device)
+        self.x, self.y = data.test.x, data.test.y
+        self.derived = 0
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0 and not self.cfg.federation.evaluates(server_round):
+            self.recorder.finish_round(server_round)
             return None
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, x, y, device=device)
-        recorder.finish_round(server_round, loss, acc)
+        loss, acc = self._pooled() or self._evaluate(arrays)
+        self.recorder.finish_round(server_round, loss, acc)
         return MetricRecord({"global_loss": loss, "global_acc": acc})
 
-    return evaluate_fn
+    def _pooled(self) -> tuple[float, float] | None:
+        pooled = self.recorder.pooled
+        if not self.from_clients or pooled is None or pooled.samples != len(self.y):
+            return None
+        self.derived += 1
+        return pooled.loss, pooled.acc
+
+    def _evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(self.model, self.x, self.y, device=self.device)
 
 
 def analysis_hook(cfg: Config, run: RunDir) -> AnalysisHook | None:
@@ -167,6 +200,9 @@ def run_server(
     if client_state:
         experiment[STATE_DIR] = str(run.file(files.CLIENT_STATE).resolve())
     initial = ArrayRecord(model.state_dict())
+    global_eval = GlobalEvaluator(cfg, data, recorder, global_is_pooled_personalized(cfg, layers))
+    if global_eval.from_clients:
+        log(INFO, "fedlayer: global metrics = the clients' evaluate phase pooled (same model, same samples)")
     if resume:
         checkpoint = load_checkpoint(run)
         restore(run, checkpoint, strategy)
@@ -184,7 +220,7 @@ def run_server(
             num_rounds=cfg.federation.rounds - strategy.round_offset,
             train_config=experiment,
             evaluate_config=ConfigRecord(dict(experiment)),
-            evaluate_fn=checkpointing(global_evaluator(cfg, data, recorder), run, strategy),
+            evaluate_fn=checkpointing(global_eval, run, strategy),
         )
     except BaseException:
         if hook is not None:
@@ -198,7 +234,12 @@ def run_server(
         plot_shared_blocks(run.path)
     run.write_json(
         files.SUMMARY,
-        {"status": "finished", "seconds": time.perf_counter() - started, "rounds": cfg.federation.rounds},
+        {
+            "status": "finished",
+            "seconds": time.perf_counter() - started,
+            "rounds": cfg.federation.rounds,
+            "global_from_clients": global_eval.derived,
+        },
     )
 
 

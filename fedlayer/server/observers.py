@@ -12,6 +12,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,8 +74,33 @@ def _client_nodes(replies: Sequence[Message]) -> dict[str, str]:
     return {str(p): nodes[p] for p in sorted(nodes)}
 
 
+@dataclass(frozen=True)
+class PooledEvaluation:
+    """The clients' evaluate-phase results of one round pooled over their test samples."""
+
+    loss: float  # Σ loss_i n_i / n
+    acc: float  # Σ correct_i / n
+    samples: int  # n = Σ n_i
+
+
+def pooled_evaluation(metrics: Sequence[dict[str, float]]) -> PooledEvaluation | None:
+    """Pool per-client ``personalized_loss`` / ``personalized_acc`` (means over ``num-examples`` samples);
+    the correct counts are whole numbers, so the pooled accuracy is Σ correct / Σ n exactly."""
+    sizes = np.array([m[NUM_EXAMPLES] for m in metrics], dtype=float)
+    if not len(sizes) or sizes.sum() == 0:
+        return None
+    correct = np.rint(np.array([m["personalized_acc"] for m in metrics]) * sizes)
+    losses = np.array([m["personalized_loss"] for m in metrics])
+    n = int(sizes.sum())
+    return PooledEvaluation(float((losses * sizes).sum() / n), float(correct.sum() / n), n)
+
+
 class RoundRecorder(RoundObserver):
-    """Collects a round's client metrics and payload sizes; ``finish_round`` writes the row."""
+    """Collects a round's client metrics and payload sizes; ``finish_round`` writes the row.
+
+    ``pooled`` is the round's evaluate phase pooled over the clients (None before it), which the server's
+    evaluation may use instead of evaluating the same model on the same samples again.
+    """
 
     CLIENT_KEYS = TRAIN_METRICS
 
@@ -83,10 +109,12 @@ class RoundRecorder(RoundObserver):
         self.on_round = on_round
         self.row: dict[str, Any] = {}
         self.started = time.perf_counter()
+        self.pooled: PooledEvaluation | None = None
 
     def on_train_messages(self, server_round: int, messages: Sequence[Message]) -> None:
         self.started = time.perf_counter()
         self.row = {"round": server_round, "bytes_down": _payload(messages), "clients_trained": 0}
+        self.pooled = None
 
     def on_train_replies(self, server_round: int, replies: Sequence[Message]) -> None:
         metrics = _reply_metrics(replies)
@@ -123,11 +151,10 @@ class RoundRecorder(RoundObserver):
         metrics = _reply_metrics(replies)
         for key in EVALUATE_METRICS:
             self.row |= client_stats(key, [m[key] for m in metrics])
-        if metrics:
+        self.pooled = pooled_evaluation(metrics)
+        if self.pooled is not None:
             # Σ correct / Σ test samples, as PFLlib reports it (the mean above weighs clients equally)
-            sizes = np.array([m[NUM_EXAMPLES] for m in metrics])
-            accs = np.array([m["personalized_acc"] for m in metrics])
-            self.row["personalized_acc_pooled"] = float((accs * sizes).sum() / max(sizes.sum(), 1))
+            self.row["personalized_acc_pooled"] = self.pooled.acc
 
     def finish_round(
         self, server_round: int, global_loss: float | None = None, global_acc: float | None = None
