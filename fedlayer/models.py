@@ -407,13 +407,15 @@ def gumbel(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
 
 class FeatureSplit:
     """FedCP's forward on the features z: masks (pm, gm) = softmax over the policy's two logits per feature
-    of z ⊙ c (c: :func:`head_context` of the personal head), so gm = 1 - pm; logits = h_p(z ⊙ pm) + h_g(z ⊙ gm),
-    h_g the model's own head (global), h_p the personal head ``cp_head``. While the recipe sets
-    ``generator`` the logits get Gumbel noise from it (training, PFLlib's ``gumbel_softmax``); otherwise the
-    masks are noise-free, so an evaluation is a deterministic function of the weights. ``context`` set by the
-    recipe holds c fixed for a round (PFLlib sets it when the round's global head arrives); else it follows
-    the personal head. Each forward keeps z (``features``) for the recipe's MMD term; ``active = False``
-    gives h_g(z) alone (the global model, evaluated on the server)."""
+    of z ⊙ c (c: :func:`head_context` of the personal head), so gm = 1 - pm; the logits are
+    h_p(z ⊙ pm) + h_g(z ⊙ gm), h_g the model's own head (global), h_p the personal head ``cp_head``.
+
+    While the recipe sets ``generator`` the logits get Gumbel noise from it (training, PFLlib's
+    ``gumbel_softmax``); otherwise the masks are noise-free, so an evaluation is a deterministic function of
+    the weights. ``context`` set by the recipe holds c fixed for a round (PFLlib sets it when the round's
+    global head arrives); else c follows the personal head. Each forward keeps z (``features``) for the
+    recipe's MMD term; ``active = False`` gives h_g(z) alone (the global model, evaluated on the server).
+    """
 
     def __init__(self, personal: nn.Module, policy: ConditionalPolicy) -> None:
         self.personal_head = personal

@@ -297,7 +297,7 @@ def test_dbe_extends_every_model_with_head_and_body_groups(name: str) -> None:
 
 
 def cp_model() -> nn.Module:
-    """TwoLayer + FedCP's extension, with a personal head unlike the global one and a non-trivial LayerNorm."""
+    """TwoLayer + FedCP's extension; its personal head unlike the global one, its LayerNorm no identity."""
     model = extend(TwoLayer(), "cp", StrategyConfig(name="fedcp"))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -332,7 +332,7 @@ def test_fedcp_steps_with_policy_masks_mmd_and_the_head_merge() -> None:
     model = cp_model()
     x, y = data()
     names = ["fc1.weight", "fc1.bias", "cp_head.weight", "cp_head.bias"]
-    names += ["cp_policy.linear.weight", "cp_policy.linear.bias", "cp_policy.norm.weight", "cp_policy.norm.bias"]
+    names += [f"cp_policy.{m}.{t}" for m in ("linear", "norm") for t in ("weight", "bias")]
     start = {k: t.detach().clone() for k, t in model.state_dict().items()}
 
     def hand(weight: float) -> dict[str, torch.Tensor]:
@@ -449,8 +449,12 @@ def test_fedcp_client_uploads_the_merged_global_head(tiny_fmnist: Path, tmp_path
     trained and kept on the node), never the personal head."""
     cfg = load_config(
         ROOT / "experiments/default.toml",
-        [f"data.root='{tiny_fmnist}'", "data.min_partition_size=5", "federation.clients=2"]
-        + ["strategy.name='fedcp'"],
+        [
+            f"data.root='{tiny_fmnist}'",
+            "data.min_partition_size=5",
+            "federation.clients=2",
+            "strategy.name='fedcp'",
+        ],
     )
     model = initial_model(cfg, federated_data(cfg).test, "cp")
     keys = shared_layers(cfg, model).shared_keys
