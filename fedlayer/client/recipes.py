@@ -330,7 +330,12 @@ def fedcp(task: LocalTask) -> float:
     body between the personal head h_p and the global head h_g by the policy's masks (Gumbel noise from the
     task's generator, context c from h_p fixed for the round). Body, h_p and policy minimise
     CE(h_p(z ⊙ pm) + h_g(z ⊙ gm)) + cp_lambda · MMD(z, z₀), z₀ the features of the received body (frozen)
-    on the same batch; h_g is frozen. Before upload h_g ← ½ h_p + ½ h_g."""
+    on the same batch; h_g is frozen. Before upload h_g ← ½ h_p + ½ h_g.
+
+    Unlike PFLlib, evaluation masks are noise-free (PFLlib samples Gumbel noise when testing too), and a
+    client's first round takes c from its initial personal head (PFLlib: a uniform random vector until the
+    first global head arrives). c is the same in every later round either way: the rows of CE's gradient
+    with respect to h_p's weight sum to zero, so plain SGD never changes their sum."""
     split = _hook(task.model, FeatureSplit)
     glob = head_module(task.model)
     frozen = {id(p) for p in glob.parameters()}
