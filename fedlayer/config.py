@@ -43,6 +43,7 @@ AlgorithmName = Literal[
     "fedrod",
     "feddbe",
     "fedcac",
+    "fedcp",
     "local",
     "partial",
     "lmc",
@@ -335,6 +336,12 @@ class StrategyConfig:
         "fedcac: rounds over which the collaboration threshold rises from the mean overlap to the maximum "
         "(PFLlib's beta, which has no usable default; FL-bench's 170)",
         AT_LEAST_1,
+    )
+    cp_lambda: float = setting(
+        1.0,
+        "fedcp: weight of the MMD between the features of the trained body and of the received body "
+        "(PFLlib's lamda, default 1.0)",
+        AT_LEAST_0,
     )
     lmc_source: LmcSource = setting(
         "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"

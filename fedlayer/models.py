@@ -6,10 +6,10 @@ classifier blocks in ``HEAD_BLOCKS``; the groups ``head``, ``body`` and ``norm``
 from module types, never from substrings of names.
 
 **Extensions** are modules an algorithm adds to any model with ``head`` / ``body`` groups (FedRoD's second
-head, FedDBE's feature bias), built on the server and every client alike (:func:`extend`), so the state
-dict — and with it the shared / personal key selection — includes them. An extension is attached to the
-model's own module tree (keys ``<name>.<tensor>`` beside the model's unchanged keys) and works through a
-forward hook on the head block, whose input is the body's features. The declaration
+head, FedDBE's feature bias, FedCP's personal head and policy), built on the server and every client alike
+(:func:`extend`), so the state dict — and with it the shared / personal key selection — includes them. An
+extension is attached to the model's own module tree (keys ``<name>.<tensor>`` beside the model's unchanged
+keys) and works through a forward hook on the head block, whose input is the body's features. The declaration
 (:mod:`strategies.algorithms`) names the extension and says which of its blocks are shared.
 """
 
@@ -376,7 +376,100 @@ def dbe(model: nn.Module, strategy: StrategyConfig) -> None:
     head.register_forward_pre_hook(FeatureBias(bias))
 
 
-EXTENSIONS: dict[str, Callable[[nn.Module, StrategyConfig], None]] = {"rod_head": rod_head, "dbe": dbe}
+CP_TAU = 1.0  # PFLlib's FedCP: Ensemble.tau = 1, hard = False (soft masks), whatever its --tau says
+
+
+class ConditionalPolicy(nn.Module):
+    """FedCP's Conditional Policy Network (PFLlib's ``ConditionalSelection``): Linear(d, 2d), LayerNorm,
+    ReLU; per sample the 2d outputs are two rows of d logits, the personal and the global one per feature."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, 2 * features)
+        self.norm = nn.LayerNorm(2 * features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.linear(x))).view(x.shape[0], 2, -1)
+
+
+def head_context(head: nn.Module) -> torch.Tensor:
+    """FedCP's client context: the head's weight summed over its rows (classes), L2-normalised (PFLlib's
+    ``set_head_g`` and ``Ensemble.forward``); a constant, no gradient."""
+    weight = head.weight
+    assert isinstance(weight, torch.Tensor)
+    return F.normalize(weight.detach().sum(0), p=2, dim=0)
+
+
+def gumbel(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Gumbel(0, 1) noise as ``F.gumbel_softmax`` draws it (-log of Exp(1)), from ``generator`` (CPU)."""
+    return -torch.empty(shape).exponential_(generator=generator).log()
+
+
+class FeatureSplit:
+    """FedCP's forward on the features z: masks (pm, gm) = softmax over the policy's two logits per feature
+    of z ⊙ c (c: :func:`head_context` of the personal head), so gm = 1 - pm; the logits are
+    h_p(z ⊙ pm) + h_g(z ⊙ gm), h_g the model's own head (global), h_p the personal head ``cp_head``.
+
+    While the recipe sets ``generator`` the logits get Gumbel noise from it (training, PFLlib's
+    ``gumbel_softmax``); otherwise the masks are noise-free, so an evaluation is a deterministic function of
+    the weights. ``context`` set by the recipe holds c fixed for a round (PFLlib sets it when the round's
+    global head arrives); else c follows the personal head. Each forward keeps z (``features``) for the
+    recipe's MMD term; ``active = False`` gives h_g(z) alone (the global model, evaluated on the server).
+    """
+
+    def __init__(self, personal: nn.Module, policy: ConditionalPolicy) -> None:
+        self.personal_head = personal
+        self.policy = policy
+        self.active = True
+        self.context: torch.Tensor | None = None
+        self.generator: torch.Generator | None = None
+        self.features: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict[int, object]) -> FeatureSplit:
+        # The copy's hook works on the copy's modules; the recipe's round settings and graph tensors stay.
+        twin = FeatureSplit(copy.deepcopy(self.personal_head, memo), copy.deepcopy(self.policy, memo))
+        twin.active = self.active
+        return twin
+
+    def masks(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pm, gm) for the features ``z``."""
+        context = self.context if self.context is not None else head_context(self.personal_head)
+        logits = self.policy(z * context.to(z.device))
+        if self.generator is not None:
+            logits = logits + gumbel(logits.shape, self.generator).to(logits.device)
+        masks = torch.softmax(logits / CP_TAU, dim=1)
+        return masks[:, 0], masks[:, 1]
+
+    def __call__(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        z = self.features = inputs[0]
+        if not self.active:
+            return output
+        pm, gm = self.masks(z)
+        # module.forward runs the global head without its hooks (this one included).
+        return self.personal_head(z * pm) + module.forward(z * gm)
+
+
+def cp(model: nn.Module, strategy: StrategyConfig) -> None:
+    """FedCP (Zhang et al., 2023): a personal head ``cp_head``, a copy of the initial head (PFLlib's
+    ``head_g`` and ``model.head`` start equal), joining the ``head`` group, and the policy ``cp_policy``;
+    the model's own head becomes the global head (:class:`FeatureSplit`)."""
+    head = head_module(model)
+    personal = copy.deepcopy(head)
+    policy = ConditionalPolicy(feature_size(head))
+    model.add_module("cp_head", personal)
+    model.add_module("cp_policy", policy)
+    heads: tuple[str, ...] = tuple(getattr(model, "HEAD_BLOCKS", ()))
+    model.HEAD_BLOCKS = (*heads, "cp_head")  # type: ignore[assignment]
+    head.register_forward_hook(FeatureSplit(personal, policy))
+
+
+EXTENSIONS: dict[str, Callable[[nn.Module, StrategyConfig], None]] = {
+    "rod_head": rod_head,
+    "dbe": dbe,
+    "cp": cp,
+}
 
 
 def extend(model: nn.Module, name: str | None, strategy: StrategyConfig) -> nn.Module:
@@ -386,15 +479,18 @@ def extend(model: nn.Module, name: str | None, strategy: StrategyConfig) -> nn.M
     return model
 
 
-def hooks_of(model: nn.Module) -> list[PersonalHead | FeatureBias]:
+Hook = PersonalHead | FeatureBias | FeatureSplit
+
+
+def hooks_of(model: nn.Module) -> list[Hook]:
     """The extension hooks on the model's modules (a deep copy of a model has its own)."""
     hooks = [h for m in model.modules() for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]]
-    return [h for h in hooks if isinstance(h, PersonalHead | FeatureBias)]
+    return [h for h in hooks if isinstance(h, Hook)]
 
 
 def global_view(model: nn.Module) -> nn.Module:
     """The model as the server evaluates it: the extensions' personal parts off (FedRoD: g(z) alone; FedDBE:
-    no personal bias)."""
+    no personal bias; FedCP: the global head on the whole features, h_g(z))."""
     for hook in hooks_of(model):
         hook.active = False
     return model

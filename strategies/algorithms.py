@@ -129,6 +129,15 @@ ALGORITHMS: dict[str, Algorithm] = {
             state=("critical",),
             per_client=True,
         ),
+        Algorithm(
+            "fedcp",
+            _ALL,
+            "a policy splits each feature between a personal and the global head; body pulled to the "
+            "received one by an MMD term (Zhang et al., 2023)",
+            exclude=("cp_head",),
+            recipe="fedcp",
+            extension="cp",
+        ),
         Algorithm("local", (), "nothing averaged: independent local training"),
         Algorithm(
             "partial", None, "personalization averaging: strategy.shared blocks averaged (Adilova et al.)"

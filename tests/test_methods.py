@@ -14,12 +14,21 @@ from test_store import ROOT, instruction
 from torch import nn
 
 from fedlayer.client import app as client_app
-from fedlayer.client.recipes import RECIPES, LocalTask, ala_weights, personalize
+from fedlayer.client.recipes import CP_BANDWIDTHS, RECIPES, LocalTask, ala_weights, mmd_rbf, personalize
 from fedlayer.client.store import join_state, split_state
 from fedlayer.config import StrategyConfig, TrainConfig, load_config, to_toml
 from fedlayer.experiment import federated_data, initial_model
 from fedlayer.layers import resolve
-from fedlayer.models import MODEL_CLASSES, build_model, extend, global_view, head_module, model_groups
+from fedlayer.models import (
+    MODEL_CLASSES,
+    FeatureSplit,
+    build_model,
+    extend,
+    global_view,
+    head_module,
+    hooks_of,
+    model_groups,
+)
 from fedlayer.server.app import shared_layers
 from strategies import ALGORITHMS, get_algorithm
 
@@ -287,7 +296,184 @@ def test_dbe_extends_every_model_with_head_and_body_groups(name: str) -> None:
     assert {"dbe_mean.running_mean", "dbe_mean.num_batches_tracked"} <= set(resolution.shared_keys)
 
 
-@pytest.mark.parametrize("name", ["ditto", "fedala", "fedrod", "feddbe"])
+def cp_model() -> nn.Module:
+    """TwoLayer + FedCP's extension; its personal head unlike the global one, its LayerNorm no identity."""
+    model = extend(TwoLayer(), "cp", StrategyConfig(name="fedcp"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in ("cp_head.weight", "cp_head.bias", "cp_policy.norm.weight", "cp_policy.norm.bias"):
+            param = model.get_parameter(name)
+            param.add_(torch.randn(param.shape, generator=gen))
+    return model
+
+
+def layer_norm(v: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    mean = v.mean(-1, keepdim=True)
+    return (v - mean) / torch.sqrt(((v - mean) ** 2).mean(-1, keepdim=True) + 1e-5) * gamma + beta
+
+
+def mmd_of_pairs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MMD² by explicit differences: mean over (i, j) of k(x_i, x_j) + k(y_i, y_j) - 2 k(x_i, y_j)."""
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        squared = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return sum(torch.exp(-squared / (2 * s)) for s in (10, 15, 20, 50))  # type: ignore[return-value]
+
+    return (k(x, x) + k(y, y) - 2 * k(x, y)).mean()
+
+
+def test_fedcp_steps_with_policy_masks_mmd_and_the_head_merge() -> None:
+    """Two full-batch steps, by the paper's equations (Zhang et al., 2023, eq. 3-9, PFLlib's clientCP):
+    c = normalize(Σ_rows W_p) fixed for the round; s = ReLU(LN(A (z ⊙ c) + a)) as two rows of logits;
+    (pm, gm) = softmax(s + Gumbel) over the rows; logits = h_p(z ⊙ pm) + h_g(z ⊙ gm); loss CE + λ MMD(z, z₀)
+    with z₀ the received body's features; h_g frozen, then h_g ← ½ h_p + ½ h_g. The noise is the task
+    generator's, drawn after each epoch's batch order (so the second step's MMD is not zero: z ≠ z₀)."""
+    lam, d = 2.0, 5
+    model = cp_model()
+    x, y = data()
+    names = ["fc1.weight", "fc1.bias", "cp_head.weight", "cp_head.bias"]
+    names += [f"cp_policy.{m}.{t}" for m in ("linear", "norm") for t in ("weight", "bias")]
+    start = {k: t.detach().clone() for k, t in model.state_dict().items()}
+
+    def hand(weight: float) -> dict[str, torch.Tensor]:
+        p = {k: start[k].clone().requires_grad_() for k in names}
+        c = nn.functional.normalize(start["cp_head.weight"].sum(0), dim=0)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            order = torch.randperm(N, generator=gen)
+            noise = -torch.empty(N, 2, d).exponential_(generator=gen).log()
+            xb, yb = x[order], y[order]
+            z = torch.relu(xb @ p["fc1.weight"].T + p["fc1.bias"])
+            z0 = torch.relu(xb @ start["fc1.weight"].T + start["fc1.bias"])
+            s = (z * c) @ p["cp_policy.linear.weight"].T + p["cp_policy.linear.bias"]
+            s = torch.relu(layer_norm(s, p["cp_policy.norm.weight"], p["cp_policy.norm.bias"]))
+            masks = torch.softmax(s.view(N, 2, d) + noise, dim=1)
+            pm, gm = masks[:, 0], masks[:, 1]
+            logits = (z * pm) @ p["cp_head.weight"].T + p["cp_head.bias"]
+            logits = logits + (z * gm) @ start["fc2.weight"].T + start["fc2.bias"]
+            loss = nn.functional.cross_entropy(logits, yb) + weight * mmd_of_pairs(z, z0)
+            grads = torch.autograd.grad(loss, [p[k] for k in names])
+            p = {k: (p[k] - LR * g).detach().requires_grad_() for k, g in zip(names, grads, strict=True)}
+        return {k: t.detach() for k, t in p.items()}
+
+    task = task_of(model, cp_lambda=lam)
+    task.train = TrainConfig(lr=LR, momentum=0.0, batch_size=N, epochs=2)
+    RECIPES["fedcp"](task)
+    expected = hand(lam)
+    for k in names:
+        torch.testing.assert_close(model.get_parameter(k).detach(), expected[k], msg=k)
+    for k in ("weight", "bias"):
+        merged = 0.5 * expected[f"cp_head.{k}"] + 0.5 * start[f"fc2.{k}"]
+        torch.testing.assert_close(model.get_parameter(f"fc2.{k}").detach(), merged)
+    assert not torch.allclose(hand(0.0)["fc1.weight"], expected["fc1.weight"]), "the MMD term must count"
+
+
+def test_mmd_matches_the_pairwise_definition_in_fp32_under_autocast() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=gen) * 3, torch.randn(6, 4, generator=gen) * 3 + 1
+    expected = mmd_of_pairs(x.double(), y.double()).float()
+    assert CP_BANDWIDTHS == (10.0, 15.0, 20.0, 50.0)
+    torch.testing.assert_close(mmd_rbf(x, y), expected)
+    torch.testing.assert_close(mmd_rbf(x, x), torch.tensor(0.0), atol=1e-6, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(mmd_rbf(x, y), expected)
+
+
+def test_fedcp_noise_comes_from_the_task_generator_and_evaluation_has_none() -> None:
+    """Training is reproducible and leaves torch's global RNG alone; evaluation masks are noise-free (a
+    deterministic function of the weights, as the barrier identities need)."""
+    a, b = cp_model(), cp_model()
+    rng = torch.get_rng_state()
+    RECIPES["fedcp"](task_of(a))
+    RECIPES["fedcp"](task_of(b))
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[k]), k
+    x = data()[0]
+    split = next(h for h in hooks_of(a) if isinstance(h, FeatureSplit))
+    assert split.generator is None and split.context is None, "the round's settings end with the round"
+    assert torch.equal(a(x), a(x))
+    split.generator = torch.Generator().manual_seed(0)
+    assert not torch.equal(a(x), a(x)), "with a generator set the masks are noisy"
+
+
+@pytest.mark.parametrize("name", list(MODEL_CLASSES))
+def test_cp_extends_every_model_and_keeps_only_the_personal_head(name: str) -> None:
+    model = extend(build_model(name, 10, 1, 28), "cp", StrategyConfig(name="fedcp"))
+    head = head_module(model)
+    assert model_groups(model)["head"][-1] == "cp_head"
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    features = {}
+    head.register_forward_pre_hook(lambda m, i: features.update(z=i[0]))  # returns None: input unchanged
+    out = model(x)
+    z = features["z"]
+    with torch.no_grad():
+        c = nn.functional.normalize(model.cp_head.weight.sum(0), dim=0)
+        logits = model.cp_policy(z * c)
+        pm, gm = torch.softmax(logits, dim=1).unbind(1)
+        expected = model.cp_head(z * pm) + nn.functional.linear(z * gm, head.weight, head.bias)
+        torch.testing.assert_close(out, expected)
+        generic = global_view(copy.deepcopy(model))(x)
+        torch.testing.assert_close(generic, nn.functional.linear(z, head.weight, head.bias))
+    cfg = StrategyConfig(name="fedcp")
+    resolution = resolve(get_algorithm(cfg).selector(cfg), model)
+    assert set(resolution.personal_keys) == {"cp_head.weight", "cp_head.bias"}
+    policy = {f"cp_policy.{m}.{t}" for m in ("linear", "norm") for t in ("weight", "bias")}
+    head_keys = {k for k in model.state_dict() if k.startswith(model_groups(model)["head"][0] + ".")}
+    assert policy | head_keys <= set(resolution.shared_keys)
+
+
+def test_cp_copies_work_on_their_own_modules() -> None:
+    """A deep copy's hook uses the copy's personal head and policy, and functional_call's weights (the
+    analysis evaluates client states through one template); global_view of a copy leaves the original."""
+    model = cp_model().eval()
+    x = data()[0]
+    before = model(x).detach()
+    twin = copy.deepcopy(model)
+    split = next(h for h in hooks_of(twin) if isinstance(h, FeatureSplit))
+    assert split.personal_head is twin.cp_head and split.policy is twin.cp_policy
+    with torch.no_grad():
+        twin.cp_head.weight.add_(1.0)
+    assert not torch.allclose(twin(x), before)
+    torch.testing.assert_close(model(x), before)
+    state = {k: v.clone() for k, v in twin.state_dict().items()}
+    torch.testing.assert_close(torch.func.functional_call(model, state, (x,)), twin(x))
+    global_view(twin)
+    assert not split.active and all(h.active for h in hooks_of(model))
+    torch.testing.assert_close(twin(x), twin.fc2.forward(torch.relu(twin.fc1(x))))  # h_g(z) alone
+
+
+def test_fedcp_client_uploads_the_merged_global_head(tiny_fmnist: Path, tmp_path: Path) -> None:
+    """The real ClientApp: what goes up is the global head ½ h_p + ½ h_g (h_g frozen in training, h_p as
+    trained and kept on the node), never the personal head."""
+    cfg = load_config(
+        ROOT / "experiments/default.toml",
+        [
+            f"data.root='{tiny_fmnist}'",
+            "data.min_partition_size=5",
+            "federation.clients=2",
+            "strategy.name='fedcp'",
+        ],
+    )
+    model = initial_model(cfg, federated_data(cfg).test, "cp")
+    keys = shared_layers(cfg, model).shared_keys
+    shared = ArrayRecord({k: v for k, v in model.state_dict().items() if k in keys})
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node")}
+    trained = client_app.train(
+        instruction(MessageType.TRAIN, to_toml(cfg), shared, 1), Context(7, 1, node, RecordDict(), {})
+    )
+    sent = trained.content.array_records["arrays"].to_torch_state_dict()
+    assert not any(k.startswith("cp_head.") for k in sent)
+    kept = torch.load(tmp_path / "node" / "run-7" / "partition-0" / "round-000001.pt", weights_only=True)
+    received = model.state_dict()
+    for k in ("weight", "bias"):
+        merged = 0.5 * kept[f"cp_head.{k}"] + 0.5 * received[f"fc2.{k}"]
+        torch.testing.assert_close(sent[f"fc2.{k}"], merged)
+    assert not torch.equal(kept["cp_head.weight"], received["cp_head.weight"]), "h_p trained"
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedala", "fedrod", "feddbe", "fedcp"])
 def test_the_client_app_restores_client_state_and_extensions_after_a_restart(
     name: str, tiny_fmnist: Path, tmp_path: Path
 ) -> None:

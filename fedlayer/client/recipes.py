@@ -19,7 +19,15 @@ from torch.func import functional_call
 
 from fedlayer.config import StrategyConfig, TrainConfig
 from fedlayer.contract import CRITICAL
-from fedlayer.models import FeatureBias, PersonalHead, RunningMean, hooks_of
+from fedlayer.models import (
+    FeatureBias,
+    FeatureSplit,
+    PersonalHead,
+    RunningMean,
+    head_context,
+    head_module,
+    hooks_of,
+)
 from fedlayer.training import Proximal, train_epochs
 from strategies.algorithms import Algorithm
 
@@ -296,7 +304,68 @@ def _take_customized(model: nn.Module, task: LocalTask) -> None:
                 param.copy_(torch.where(masks[name].to(param.device), own, param))
 
 
-H = TypeVar("H", PersonalHead, FeatureBias)
+CP_BANDWIDTHS = (10.0, 15.0, 20.0, 50.0)  # PFLlib's FedCP MMD, kernel "rbf"
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Biased squared MMD of two equal-size samples (rows) under Σ_σ exp(-‖a - b‖² / (2σ)), σ in
+    ``CP_BANDWIDTHS``: mean over all pairs of k(x_i, x_j) + k(y_i, y_j) - 2 k(x_i, y_j) (PFLlib's ``MMD``).
+    In fp32 outside autocast: bf16 squared distances from Gram matrices cancel badly."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float().flatten(1), y.float().flatten(1)
+        xx, yy, xy = x @ x.T, y @ y.T, x @ y.T
+        rx, ry = xx.diagonal(), yy.diagonal()
+
+        def kernel(squared: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.exp(-0.5 * squared / s) for s in CP_BANDWIDTHS]).sum(0)
+
+        xx_d = rx[:, None] + rx[None, :] - 2 * xx
+        yy_d = ry[:, None] + ry[None, :] - 2 * yy
+        xy_d = rx[:, None] + ry[None, :] - 2 * xy
+        return torch.mean(kernel(xx_d) + kernel(yy_d) - 2 * kernel(xy_d))
+
+
+def fedcp(task: LocalTask) -> float:
+    """FedCP (Zhang et al., 2023; PFLlib's ``clientCP``): the extension ``cp`` splits the features z of the
+    body between the personal head h_p and the global head h_g by the policy's masks (Gumbel noise from the
+    task's generator, context c from h_p fixed for the round). Body, h_p and policy minimise
+    CE(h_p(z ⊙ pm) + h_g(z ⊙ gm)) + cp_lambda · MMD(z, z₀), z₀ the features of the received body (frozen)
+    on the same batch; h_g is frozen. Before upload h_g ← ½ h_p + ½ h_g.
+
+    Unlike PFLlib, evaluation masks are noise-free (PFLlib samples Gumbel noise when testing too), and a
+    client's first round takes c from its initial personal head (PFLlib: a uniform random vector until the
+    first global head arrives). c is the same in every later round either way: the rows of CE's gradient
+    with respect to h_p's weight sum to zero, so plain SGD never changes their sum."""
+    split = _hook(task.model, FeatureSplit)
+    glob = head_module(task.model)
+    frozen = {id(p) for p in glob.parameters()}
+    trainable = {name for name, p in task.model.named_parameters() if id(p) not in frozen}
+    received = copy.deepcopy(task.model).train().requires_grad_(False)
+    received_split = _hook(received, FeatureSplit)
+    received_split.active = False  # only its body's features are used
+    weight = task.strategy.cp_lambda
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(model(x), y)
+        if weight == 0:
+            return ce
+        with torch.no_grad():
+            received(x)
+        assert split.features is not None and received_split.features is not None
+        return ce + weight * mmd_rbf(split.features, received_split.features)
+
+    split.context, split.generator = head_context(split.personal_head), task.generator
+    try:
+        mean_loss = task.run(task.train.epochs, trainable=trainable, loss_fn=loss)
+    finally:
+        split.context, split.generator, split.features = None, None, None
+    with torch.no_grad():
+        for g, p in zip(glob.parameters(), split.personal_head.parameters(), strict=True):
+            g.copy_(0.5 * p + 0.5 * g)
+    return mean_loss
+
+
+H = TypeVar("H", PersonalHead, FeatureBias, FeatureSplit)
 
 
 def _hook(model: nn.Module, kind: type[H]) -> H:
@@ -366,6 +435,7 @@ RECIPES: dict[str, Callable[[LocalTask], float]] = {
     "fedrod": fedrod,
     "feddbe": feddbe,
     "fedcac": fedcac,
+    "fedcp": fedcp,
 }
 PERSONALIZATIONS: dict[str, Callable[[LocalTask, bool], nn.Module]] = {
     "as_is": as_is,
