@@ -139,6 +139,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             "barrier-guided: blocks whose measured sharing cost is low are averaged "
             "(server: strategies/lmc.py; clients: fedlayer/client/lmc.py)",
             dynamic=True,
+            state=("mix",),  # lmc_criterion = "mixing": the learned weight per block
         ),
     )
 }
