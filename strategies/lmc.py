@@ -243,7 +243,8 @@ class MixingPolicy(LmcPolicy):
     Decision rounds always collect (clients send every block up, the server averages the personal ones and
     sends that reference down in the next decision round), so a personal block keeps being weighed and can be
     shared again. A block decides once it has a server value (a block personal from the start: after the
-    first decision round) and only when every replying client reported its weight.
+    first decision round), from the clients that reported its weight (a client in its first round has no
+    own copy and reports none); a block no client reported keeps its state.
 
     Attributes
     ----------
@@ -271,11 +272,12 @@ class MixingPolicy(LmcPolicy):
         self, server_round: int, client_costs: Sequence[Mapping[str, float]], weights: Sequence[float]
     ) -> None:
         """``client_costs`` are the clients' weights per block (the name is the interface's)."""
-        aggregated = {
-            block: float(np.average([c[block] for c in client_costs], weights=np.asarray(weights, float)))
-            for block in self.deciding()
-            if block in self.referenced and client_costs and all(block in c for c in client_costs)
-        }
+        aggregated = {}
+        for block in self.deciding():
+            found = [(c[block], n) for c, n in zip(client_costs, weights, strict=True) if block in c]
+            if block in self.referenced and found:
+                values, samples = zip(*found, strict=True)
+                aggregated[block] = float(np.average(values, weights=np.asarray(samples, float)))
         self.weights[server_round] = aggregated
         now = set(self.shared)
         chosen = {

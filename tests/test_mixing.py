@@ -167,7 +167,7 @@ def toy_federation(labels: list[list[int]], rounds: int = 6, n: int = 400) -> Mi
                     nn.functional.cross_entropy(model(x[train]), y[train]).backward()
                     optimizer.step()
                 owns[c] = {k: v.clone() for k, v in model.state_dict().items()}
-                reports.append({b: weights[c][b] for b in mixable})
+                reports.append({b: weights[c][b] for b in mixable} if server_round > 1 else {})
                 states.append(owns[c])
             server_state = {k: torch.stack([s[k] for s in states]).mean(0) for k in server_state}
             p.decide(server_round, reports, [1.0] * len(labels))
@@ -179,7 +179,7 @@ def toy_federation(labels: list[list[int]], rounds: int = 6, n: int = 400) -> Mi
 def test_identical_clients_keep_high_weights_and_share_everything() -> None:
     p = toy_federation([[0, 1, 2, 3]] * 3)
     assert all(shared == ["body", "head"] for shared in p.history.values())
-    assert min(w for weights in p.weights.values() for w in weights.values()) > 0.6
+    assert not p.weights[1] and min(w for weights in p.weights.values() for w in weights.values()) > 0.6
 
 
 def test_clients_with_disjoint_labels_turn_the_head_personal() -> None:
@@ -225,8 +225,10 @@ def test_always_exclude_and_missing_weights() -> None:
     p = policy(mixing=MixingRule(0.5, 0.1), always={"fc2"}, never={"conv1"})
     p.decide(1, [dict.fromkeys(HIGH, 0.0)], [1.0])
     assert p.shared_blocks() == ["fc2"]
-    p.decide(2, [dict.fromkeys(HIGH, 1.0), {"conv2": 1.0}], [1.0, 1.0])  # fc1 missing for one client
-    assert p.shared_blocks() == ["conv2", "fc2"] and set(p.weights[2]) == {"conv2"}
+    p.decide(2, [{"conv2": 1.0}, {"fc1": 0.3}], [1.0, 1.0])  # each block from the clients that report it
+    assert p.shared_blocks() == ["conv2", "fc2"] and p.weights[2] == {"conv2": 1.0, "fc1": 0.3}
+    p.decide(3, [{}, {"fc1": 0.7}], [1.0, 1.0])  # nobody reported conv2: it stays as it is
+    assert p.shared_blocks() == ["conv2", "fc1", "fc2"]
 
 
 def test_a_block_personal_from_the_start_has_no_reference_until_a_decision_round_averaged_it() -> None:
@@ -326,8 +328,8 @@ def test_mixing_runs_in_the_simulation_logs_its_weights_and_is_deterministic(
     tiny_fmnist: Path, tmp_path: Path
 ) -> None:
     """3 clients x 3 rounds, twice on one Ray cluster: the same weights, shared sets, metrics and model;
-    round 1 reports every block at 1 (no own copy yet), later rounds learned weights in [0, 1]; the clients
-    keep their weights as client state."""
+    round 1 reports no weight (no own copy yet: nothing decides), later rounds learned weights in [0, 1];
+    the clients keep their weights as client state."""
     with ray_cluster(nodes=1, cpus=os.cpu_count() or 1) as (address, _):
         a, b = (simulated(tiny_fmnist, tmp_path / name, address) for name in "ab")
     history = json.loads(a.file("layers_by_round.json").read_text())
@@ -335,7 +337,7 @@ def test_mixing_runs_in_the_simulation_logs_its_weights_and_is_deterministic(
     assert metrics(a.path) == metrics(b.path)
     assert_same_model(a.file("model.pt"), b.file("model.pt"))
     rounds = history["rounds"]
-    assert rounds["1"]["weights"] == dict.fromkeys(history["blocks"], 1.0)
+    assert rounds["1"]["weights"] == {} and rounds["2"]["shared"] == history["blocks"]
     later = [w for r in ("2", "3") for w in rounds[r]["weights"].values()]
     assert all(0.0 <= w <= 1.0 for w in later) and any(w < 1.0 for w in later)
     assert set(rounds["3"]["weights"]) == set(history["blocks"])  # personal blocks are weighed too

@@ -158,7 +158,8 @@ def learn_weights(
 
 def mix(job: ClientJob, task: LocalTask, reference: ArrayRecord | None) -> dict[str, float]:
     """Learn this round's weights, load the mixed blocks into the task's model (it trains from them) and
-    keep the weights; ``mix.<block>`` -> the weight of every block that had a server value."""
+    keep the weights; ``mix.<block>`` -> the weight of every block that had a server value (nothing in the
+    client's first round: it has no own copy to weigh against, and its weights are the initial 1)."""
     server = job.incoming | (reference.to_torch_state_dict() if reference is not None else {})
     blocks = _mixable(job, server)
     weights = current_weights(task, blocks)
@@ -180,7 +181,7 @@ def mix(job: ClientJob, task: LocalTask, reference: ArrayRecord | None) -> dict[
         )
         load_state(task.model, mixed_state(job.own, server, blocks, {b: weights[b] for b in blocks}))
     task.keep(MIX_STATE, {b: torch.tensor(w) for b, w in weights.items()})
-    return {MIX_PREFIX + b: weights[b] for b in blocks}
+    return {MIX_PREFIX + b: weights[b] for b in blocks} if job.own else {}
 
 
 def apply_weights(job: ClientJob, task: LocalTask) -> None:
