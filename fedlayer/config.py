@@ -370,8 +370,8 @@ class StrategyConfig:
     lmc_always: list[str] = setting([], "lmc: block patterns always shared")
     lmc_reshare: bool = setting(
         False,
-        "lmc: a block that turned personal may be shared again when its cost falls (false: blocks only "
-        "turn personal, and decision rounds send no full models)",
+        "lmc (barrier): a block that turned personal may be shared again when its cost falls (false: blocks "
+        "only turn personal, and decision rounds send no full models; mixing always re-decides them)",
     )
     lmc_holdout: float = setting(
         0.1,
