@@ -16,9 +16,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from sim_helpers import assert_same_model, metrics, ray_cluster
 from torch import nn
 
+from fedlayer.client import lmc
+from fedlayer.client.app import ClientJob
 from fedlayer.client.lmc import holdout_split, learn_weights, mixed_state
+from fedlayer.client.store import PersonalStore
 from fedlayer.config import ConfigError, StrategyConfig, load_config
 from fedlayer.contract import MIX_PREFIX, REFERENCE
+from fedlayer.data import TensorData
+from fedlayer.models import build_model, model_blocks
 from fedlayer.run.rundir import RunDir
 from fedlayer.simulation import simulate
 from strategies.lmc import MixingPolicy, MixingRule
@@ -106,6 +111,50 @@ def test_the_held_out_slice_is_a_fixed_fraction_with_a_minimum_and_at_most_half(
         assert not set(train.tolist()) & set(held.tolist())
     a = holdout_split(100, strategy, torch.Generator().manual_seed(3))[1]
     assert torch.equal(a, holdout_split(100, strategy, torch.Generator().manual_seed(3))[1])
+
+
+def client_job(tmp_path: Path, own: bool) -> ClientJob:
+    """A ClientApp job of ``lmc`` mixing on 100 random images: a CNN whose blocks all came from the server
+    (another initialization); its own copy (``own``) is the first initialization."""
+    cfg = load_config(
+        None, ["strategy.name='lmc'", "strategy.lmc_criterion='mixing'", "strategy.lmc_mix_steps=2"]
+    )
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 1, 28)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    incoming = {k: v.clone() for k, v in build_model("cnn", 10, 1, 28).state_dict().items()}  # another init
+    model.load_state_dict(incoming)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorData(
+        torch.randn(100, 1, 28, 28, generator=gen), torch.randint(0, 10, (100,), generator=gen), 10
+    )
+    return ClientJob(
+        cfg, 0, 2, model, data, data, CPU, list(incoming), incoming, PersonalStore(tmp_path), {}, {},
+        kept if own else {},
+    )  # fmt: skip
+
+
+def test_the_client_trains_without_its_held_out_slice_and_starts_from_the_mixed_model(tmp_path: Path) -> None:
+    job = client_job(tmp_path, own=True)
+    task = job.task()
+    train, held = lmc.split(job)
+    assert len(held) == 32 and len(task.y) == 68  # lmc_holdout_min; the rest trains
+    assert torch.equal(task.x, job.train_data.x[train])
+    reported = lmc.mix(job, task, None)
+    blocks = model_blocks(job.model)
+    assert set(reported) == {MIX_PREFIX + b for b in blocks}
+    weights = {b: reported[MIX_PREFIX + b] for b in blocks}
+    x, y = job.train_data.x[held], job.train_data.y[held]
+    ones = dict.fromkeys(blocks, 1.0)
+    alone = learn_weights(job.model, job.own, job.incoming, blocks, ones, x, y, steps=2, lr=1.0, device=CPU)
+    assert weights == pytest.approx(alone) and any(w < 1.0 for w in weights.values())
+    expected = mixed_state(job.own, job.incoming, blocks, weights)
+    assert all(torch.allclose(job.model.state_dict()[k], v) for k, v in expected.items())
+    assert {k: float(v) for k, v in task.entry("mix").items()} == weights  # kept as client state
+    first = client_job(tmp_path, own=False)
+    first_task = first.task()
+    assert lmc.mix(first, first_task, None) == {}  # no own copy yet: nothing learned, nothing reported
+    assert all(torch.equal(v, first.incoming[k]) for k, v in first.model.state_dict().items())
 
 
 # --------------------------------------------------------------------------- toy federations
