@@ -54,6 +54,7 @@ AggregatorName = Literal[
 Finetune = Literal["head", "final"]
 LmcSource = Literal["clients", "server"]
 LmcStatistic = Literal["mean", "max", "quantile"]
+LmcCriterion = Literal["barrier", "mixing"]
 Pairs = Literal["clients", "global", "both"]
 AnalysisData = Literal["global_test", "pair_train"]
 Order = Literal["shallow", "deep", "random", "minimal"]
@@ -74,6 +75,7 @@ AGGREGATOR_NAMES: tuple[str, ...] = typing.get_args(AggregatorName)
 FINETUNES: tuple[str, ...] = typing.get_args(Finetune)
 LMC_SOURCES: tuple[str, ...] = typing.get_args(LmcSource)
 LMC_STATISTICS: tuple[str, ...] = typing.get_args(LmcStatistic)
+LMC_CRITERIA: tuple[str, ...] = typing.get_args(LmcCriterion)
 ORDERS: tuple[str, ...] = typing.get_args(Order)
 BN_MODES: tuple[str, ...] = typing.get_args(BnMode)
 
@@ -343,6 +345,11 @@ class StrategyConfig:
         "(PFLlib's lamda, default 1.0)",
         AT_LEAST_0,
     )
+    lmc_criterion: LmcCriterion = setting(
+        "barrier",
+        "lmc: what decides sharing: barrier = the cost of moving a block halfway to the server's value; "
+        "mixing = per-block weights each client learns on held-out data (strategies/lmc.py)",
+    )
     lmc_source: LmcSource = setting(
         "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"
     )
@@ -370,8 +377,36 @@ class StrategyConfig:
     lmc_always: list[str] = setting([], "lmc: block patterns always shared")
     lmc_reshare: bool = setting(
         False,
-        "lmc: a block that turned personal may be shared again when its cost falls (false: blocks only "
-        "turn personal, and decision rounds send no full models)",
+        "lmc (barrier): a block that turned personal may be shared again when its cost falls (false: blocks "
+        "only turn personal, and decision rounds send no full models; mixing always re-decides them)",
+    )
+    lmc_holdout: float = setting(
+        0.1,
+        "lmc (mixing): fraction of each client's training split held out (never trained on) to learn its "
+        "mixing weights",
+        Range(0, 0.5, open_low=True),
+    )
+    lmc_holdout_min: int = setting(
+        32,
+        "lmc (mixing): held-out samples at least (at most half of the client's training split)",
+        AT_LEAST_1,
+    )
+    lmc_mix_steps: int = setting(
+        5, "lmc (mixing): full-batch SGD steps on the held-out slice per round for the weights", AT_LEAST_0
+    )
+    lmc_mix_lr: float = setting(
+        1.0, "lmc (mixing): learning rate of the weights (weight per nat of held-out loss)", POSITIVE
+    )
+    lmc_weight_threshold: float = setting(
+        0.5,
+        "lmc (mixing): a block is shared while its clients' mean weight (sample-weighted) is at least this",
+        Range(0, 1),
+    )
+    lmc_weight_margin: float = setting(
+        0.1,
+        "lmc (mixing): hysteresis: a shared block turns personal below threshold - margin, a personal one "
+        "shared again at threshold + margin or above",
+        Range(0, 0.5),
     )
     server_lr: float = setting(1.0, "fedavgm, fedadam, fedyogi, fedadagrad: server learning rate", POSITIVE)
     server_momentum: float = setting(0.9, "fedavgm: server momentum", MOMENTUM)
@@ -533,6 +568,10 @@ def validate(cfg: Config) -> None:
             f"must be 0 (up to {DEFAULT_PAIR_CLIENTS}) or 2 to federation.clients={f.clients}",
         )
     s = cfg.strategy
+    if s.name == "lmc" and s.lmc_criterion == "mixing" and s.lmc_source != "clients":
+        raise _not_allowed(
+            "strategy.lmc_source", s.lmc_source, "'clients' with strategy.lmc_criterion = 'mixing'"
+        )
     if s.name == "lmc" and s.lmc_source == "server" and (a.every == 0 or s.lmc_every % a.every):
         raise _not_allowed(
             "strategy.lmc_source",

@@ -38,6 +38,9 @@ STATE_DIR = "state-dir"  # where the client keeps personal layers (simulation: t
 NUM_EXAMPLES = "num-examples"  # the aggregation weight (Flower's own key)
 PARTITION_ID = "partition-id"
 COST_PREFIX = "lmc."  # "lmc.<block>": the client's cost of sharing that block
+MIX_PREFIX = (
+    "mix."  # "mix.<block>": the client's learned weight of the server's value of that block (lmc mixing)
+)
 TRAIN_METRICS = ("train_loss", "personalized_acc_before", "personalized_acc_after", "personalized_loss_after")
 EVALUATE_METRICS = ("personalized_acc", "personalized_loss")
 

@@ -191,6 +191,12 @@ def cost_generator(cfg: Config, partition_id: int, server_round: int) -> torch.G
     return _generator(cfg.seed, partition_id, server_round, 1)
 
 
+def holdout_generator(cfg: Config, partition_id: int) -> torch.Generator:
+    """A client's RNG for the slice of its training data it holds out (``lmc`` mixing): one per client for
+    the whole run, so the slice is the same every round."""
+    return _generator(cfg.seed, partition_id, 0, 2)
+
+
 def _generator(*entropy: int) -> torch.Generator:
     seed = np.random.SeedSequence(list(entropy)).generate_state(1)[0]
     return torch.Generator().manual_seed(int(seed))

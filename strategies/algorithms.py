@@ -145,9 +145,11 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "lmc",
             None,
-            "barrier-guided: blocks whose measured sharing cost is low are averaged "
-            "(server: strategies/lmc.py; clients: fedlayer/client/lmc.py)",
+            "barrier-guided: blocks whose measured sharing cost is low (or, lmc_criterion = 'mixing', whose "
+            "learned mixing weight is high) are averaged (server: strategies/lmc.py; clients: "
+            "fedlayer/client/lmc.py)",
             dynamic=True,
+            state=("mix",),  # lmc_criterion = "mixing": the learned weight per block
         ),
     )
 }

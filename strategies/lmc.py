@@ -18,6 +18,17 @@ cost toward the clients' average falls under the threshold shared classifier blo
 measured runs, twice for good at FedAvg's accuracy (experiments/README.md, ``lmc.toml``). With
 ``lmc_reshare = true`` decision rounds measure every block: clients send every block up and the server
 averages the personal ones as their reference.
+
+``strategy.lmc_criterion = "mixing"`` (:class:`MixingPolicy`) decides instead from weights the clients learn
+(:mod:`fedlayer.client.lmc`): every client keeps its own copy of every block and a weight w_l in [0, 1] per
+block; each round it starts from θ_l = θ_l^own + w_l (θ_l^server − θ_l^own) for every block with a server
+value, w_l learned by a few SGD steps on a slice of its training data it never trains on. A client whose
+held-out loss falls by leaning on the others pulls w_l up, one that does better alone pulls it down, and
+over rounds w_l integrates that evidence instead of measuring one epoch's drift. The server shares block l
+while the clients' sample-weighted mean of w_l stays at least ``lmc_weight_threshold - lmc_weight_margin``
+and shares a personal block again once it reaches ``lmc_weight_threshold + lmc_weight_margin``; decision
+rounds always carry the reference of the personal blocks (``lmc_reshare``'s traffic), so the clients keep
+learning the weight of a personal block against the others' average.
 """
 
 from __future__ import annotations
@@ -25,12 +36,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from fedlayer.config import ConfigError, StrategyConfig
-from fedlayer.contract import GLOBAL
+from fedlayer.contract import GLOBAL, MIX_PREFIX
 from strategies.mechanism import RoundObserver
 from strategies.sharing import SharingPolicy
 
@@ -118,6 +129,8 @@ class LmcPolicy(SharingPolicy):
     costs: dict[int, dict[str, float]] = field(default_factory=dict)
     referenced: set[str] = field(default_factory=set)
 
+    evidence_name: ClassVar[str] = "costs"  # what layers_by_round.json calls a decision round's evidence
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.shared = self._constrained(set(self.shared))
@@ -180,6 +193,10 @@ class LmcPolicy(SharingPolicy):
             if block not in self.never and (block in self.always or self.owner(block) in decided)
         ]
 
+    def evidence(self, server_round: int) -> dict[str, float]:
+        """What decided in ``server_round``, per block (empty outside decision rounds)."""
+        return self.costs.get(server_round, {})
+
     def record(self, server_round: int) -> None:
         self.history[server_round] = self.shared_blocks()
 
@@ -198,6 +215,90 @@ class LmcPolicy(SharingPolicy):
         self.costs = {int(k): dict(v) for k, v in state["costs"].items()}
 
 
+@dataclass(frozen=True)
+class MixingRule:
+    """When a block is shared, from its clients' mean mixing weight (``lmc_criterion = "mixing"``).
+
+    Attributes
+    ----------
+    threshold : float
+        The weight around which a block switches.
+    margin : float
+        Hysteresis: a shared block turns personal below ``threshold - margin``; a personal one turns shared
+        at ``threshold + margin`` or above (a weight between them keeps the block as it is).
+    """
+
+    threshold: float = _DEFAULT.lmc_weight_threshold
+    margin: float = _DEFAULT.lmc_weight_margin
+
+    def shares(self, shared: bool, weight: float) -> bool:
+        """Whether a block that is ``shared`` now is shared next, given its aggregated weight."""
+        return weight >= (self.threshold - self.margin if shared else self.threshold + self.margin)
+
+
+@dataclass
+class MixingPolicy(LmcPolicy):
+    """``lmc`` with learned mixing per block: the clients' weights of the server's values set the shared set.
+
+    Decision rounds always collect (clients send every block up, the server averages the personal ones and
+    sends that reference down in the next decision round), so a personal block keeps being weighed and can be
+    shared again. A block decides once it has a server value (a block personal from the start: after the
+    first decision round), from the clients that reported its weight (a client in its first round has no
+    own copy and reports none); a block no client reported keeps its state.
+
+    Attributes
+    ----------
+    mixing : MixingRule
+        Threshold and hysteresis margin.
+    weights : dict[int, dict[str, float]]
+        Decision round -> the clients' sample-weighted mean weight per deciding block.
+    """
+
+    mixing: MixingRule = field(default_factory=MixingRule)
+    weights: dict[int, dict[str, float]] = field(default_factory=dict)
+    evidence_prefix: ClassVar[str] = MIX_PREFIX
+    evidence_name: ClassVar[str] = "weights"
+
+    def collects(self, server_round: int) -> bool:
+        return self.measures(server_round)
+
+    def reference_keys(self, personal: Sequence[str]) -> list[str]:
+        """Only blocks the server has averaged: a never-averaged block's value is the initial model's, and
+        mixing toward it would pull clients back to their start."""
+        referenced = {key for block in self.referenced for key in self.blocks[block]}
+        return [key for key in personal if key in referenced]
+
+    def decide(
+        self, server_round: int, client_costs: Sequence[Mapping[str, float]], weights: Sequence[float]
+    ) -> None:
+        """``client_costs`` are the clients' weights per block (the name is the interface's)."""
+        aggregated = {}
+        for block in self.deciding():
+            found = [(c[block], n) for c, n in zip(client_costs, weights, strict=True) if block in c]
+            if block in self.referenced and found:
+                values, samples = zip(*found, strict=True)
+                aggregated[block] = float(np.average(values, weights=np.asarray(samples, float)))
+        self.weights[server_round] = aggregated
+        now = set(self.shared)
+        chosen = {
+            block
+            for block in self.deciding()
+            if (self.mixing.shares(block in now, aggregated[block]) if block in aggregated else block in now)
+        }
+        self.shared = self._constrained(chosen)
+        self.referenced = set(self.blocks)  # this decision round averaged every block
+
+    def evidence(self, server_round: int) -> dict[str, float]:
+        return self.weights.get(server_round, {})
+
+    def state(self) -> dict[str, Any]:
+        return super().state() | {"weights": dict(self.weights)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        super().load_state(state)
+        self.weights = {int(k): dict(v) for k, v in state["weights"].items()}
+
+
 def lmc_policy(strategy: StrategyConfig, model: nn.Module, layers: Resolution) -> LmcPolicy:
     """The policy of ``strategy`` over ``model``'s blocks, starting from the resolved shared set."""
     from fedlayer.models import model_groups
@@ -206,6 +307,19 @@ def lmc_policy(strategy: StrategyConfig, model: nn.Module, layers: Resolution) -
     always = _blocks(strategy.lmc_always, model, "strategy.lmc_always")
     if both := sorted(never & always):
         raise ConfigError(f"strategy.lmc_always: {', '.join(both)} also excluded by strategy.exclude")
+    norm = set(model_groups(model)["norm"])
+    if strategy.lmc_criterion == "mixing":
+        mixing = MixingRule(strategy.lmc_weight_threshold, strategy.lmc_weight_margin)
+        return MixingPolicy(
+            layers.blocks,
+            layers.shared_blocks,
+            every=strategy.lmc_every,
+            always=always,
+            never=never,
+            reshare=True,
+            norm=norm,
+            mixing=mixing,
+        )
     rule = LmcRule(
         strategy.lmc_threshold, strategy.lmc_share_fraction, strategy.lmc_statistic, strategy.lmc_quantile
     )
@@ -218,7 +332,7 @@ def lmc_policy(strategy: StrategyConfig, model: nn.Module, layers: Resolution) -
         always=always,
         never=never,
         reshare=strategy.lmc_reshare,
-        norm=set(model_groups(model)["norm"]),
+        norm=norm,
     )
 
 
@@ -232,14 +346,14 @@ def _blocks(patterns: list[str], model: nn.Module, field: str) -> set[str]:
 
 class SharingLog(RoundObserver):
     """Hands ``write`` (the run's ``layers_by_round.json``) every round's shared blocks and, in decision
-    rounds, the measured costs."""
+    rounds, the evidence that decided: measured ``costs`` (barrier) or aggregated ``weights`` (mixing)."""
 
     def __init__(self, policy: LmcPolicy, write: Callable[[dict[str, Any]], None]) -> None:
         self.policy, self.write = policy, write
 
     def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
         rounds = {
-            r: {"shared": shared, "costs": self.policy.costs.get(r, {})}
+            r: {"shared": shared, self.policy.evidence_name: self.policy.evidence(r)}
             for r, shared in sorted(self.policy.history.items())
         }
         self.write({"blocks": list(self.policy.blocks), "rounds": rounds})

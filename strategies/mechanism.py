@@ -17,7 +17,6 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedlayer.contract import (
     ARRAYS,
-    COST_PREFIX,
     CRITICAL,
     CUSTOMIZED,
     FULL_MODEL,
@@ -251,9 +250,10 @@ class PartialStrategy(Strategy):
         config = ConfigRecord(dict(config) | {FULL_MODEL: full, LMC_MEASURE: measure})
         messages = self._sampled("train", server_round, grid, self.base.configure_train, arrays, config)
         messages = self._per_client(messages)
-        if measure and collect and messages:
+        if sharing is not None and measure and collect and messages:
             # One RecordDict is shared by all messages: the reference of the personal blocks is added once.
-            messages[0].content[REFERENCE] = select_arrays(arrays, self._personal_keys())
+            reference = sharing.reference_keys(self._personal_keys())
+            messages[0].content[REFERENCE] = select_arrays(arrays, reference)
         self._train_messages = messages  # the Grid sets their message ids when it sends them
         for observer in self.observers:
             observer.on_train_messages(server_round, messages)
@@ -309,12 +309,9 @@ class PartialStrategy(Strategy):
         metrics = [next(iter(reply.content.metric_records.values())) for reply in replies]
         weights = [float(cast(float, m[NUM_EXAMPLES])) for m in metrics]
         if self.sharing.clients_measure(server_round):
+            prefix = self.sharing.evidence_prefix
             costs = [
-                {
-                    key[len(COST_PREFIX) :]: float(cast(float, v))
-                    for key, v in m.items()
-                    if key.startswith(COST_PREFIX)
-                }
+                {key[len(prefix) :]: float(cast(float, v)) for key, v in m.items() if key.startswith(prefix)}
                 for m in metrics
             ]
             self.sharing.decide(server_round, costs, weights)

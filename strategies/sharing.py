@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+from fedlayer.contract import COST_PREFIX
 
 
 @dataclass
@@ -26,6 +28,7 @@ class SharingPolicy:
 
     blocks: dict[str, list[str]]
     shared: Sequence[str]
+    evidence_prefix: ClassVar[str] = COST_PREFIX  # the reply metrics "<prefix><block>" that decide
 
     def __post_init__(self) -> None:
         self.shared = [block for block in self.blocks if block in set(self.shared)]
@@ -54,13 +57,18 @@ class SharingPolicy:
         ones (the reference of the next measurement, the start of a block that turns shared)."""
         return False
 
+    def reference_keys(self, personal: Sequence[str]) -> list[str]:
+        """Of the round's ``personal`` keys, those whose server value is sent down as the reference."""
+        return list(personal)
+
     def record(self, server_round: int) -> None:
         """Remember the set configured for ``server_round`` (a fixed policy has nothing to remember)."""
 
     def decide(
         self, server_round: int, client_costs: Sequence[Mapping[str, float]], weights: Sequence[float]
     ) -> None:
-        """Set the next rounds' shared set from the costs measured in ``server_round`` (fixed: no-op)."""
+        """Set the next rounds' shared set from the evidence (costs, weights) of ``server_round`` (fixed:
+        no-op)."""
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint must hold to continue the run exactly."""

@@ -90,6 +90,7 @@ class ClientJob:
     store: PersonalStore
     client_state: dict[str, torch.Tensor]  # the recipe's state across rounds ("<name>.<key>"), never sent
     downlink: dict[str, torch.Tensor]  # this client's own record from the server (fedcac: customized model)
+    own: dict[str, torch.Tensor]  # what the client kept from its last round, before the received keys
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientJob:
@@ -107,7 +108,7 @@ class ClientJob:
         arrays = msg.content[ARRAYS]
         incoming = arrays.to_torch_state_dict()  # type: ignore[union-attr]
         load_state(model, incoming)
-        own = msg.content.array_records.get(CUSTOMIZED)
+        customized = msg.content.array_records.get(CUSTOMIZED)
         return cls(
             cfg,
             partition_id,
@@ -120,17 +121,22 @@ class ClientJob:
             incoming,
             store,
             client_state,
-            own.to_torch_state_dict() if own is not None else {},
+            customized.to_torch_state_dict() if customized is not None else {},
+            personal,
         )
 
     def task(self) -> LocalTask:
         blocks, groups = model_blocks(self.model), model_groups(self.model)
         params = {name for name, _ in self.model.named_parameters()}
         head = {key for block in groups["head"] for key in blocks[block]} & params
+        x, y = self.train_data.x, self.train_data.y
+        if lmc.mixing(self.cfg):  # the held-out slice the mixing weights learn on is never trained on
+            train, _ = lmc.split(self)
+            x, y = x[train], y[train]
         return LocalTask(
             self.model,
-            self.train_data.x,
-            self.train_data.y,
+            x,
+            y,
             self.cfg.train,
             self.cfg.strategy,
             self.device,
@@ -193,6 +199,8 @@ def train(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context) -> Message:
     job = ClientJob.from_message(msg, context)
     task = job.task()
+    reference = msg.content.array_records.get(REFERENCE)
+    weights = lmc.mix(job, task, reference) if lmc.mixing(job.cfg) else {}
     evaluating = job.cfg.federation.evaluates(job.server_round)  # federation.evaluate_every
     before = job.personalized_eval(task) if evaluating and job.cfg.train.evaluate_before else None
     train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
@@ -203,7 +211,7 @@ def _train(msg: Message, context: Context) -> Message:
     full = bool(config.get(FULL_MODEL, False))
     metrics = MetricRecord(
         {
-            NUM_EXAMPLES: len(job.train_data),
+            NUM_EXAMPLES: len(task.y),
             PARTITION_ID: job.partition_id,
             "train_loss": train_loss,
         }
@@ -214,8 +222,9 @@ def _train(msg: Message, context: Context) -> Message:
     if before is not None:
         metrics["personalized_loss_before"], metrics["personalized_acc_before"] = before
     if config.get(LMC_MEASURE):
-        for key, cost in lmc.cost_metrics(job, msg.content.array_records.get(REFERENCE)).items():
-            metrics[key] = cost
+        evidence = weights if lmc.mixing(job.cfg) else lmc.cost_metrics(job, reference)
+        for key, value in evidence.items():
+            metrics[key] = value
     arrays = job.state(None if full else job.received)
     content = RecordDict({ARRAYS: arrays, METRICS: metrics})
     for name, tensors in task.upload.items():  # per-client records up (fedcac: the critical mask)
@@ -245,7 +254,10 @@ def query_partition(msg: Message, context: Context) -> Message:
 def evaluate_personalized(msg: Message, context: Context) -> Message:
     """Personalized accuracy: global shared + own personal layers, on the local test split."""
     job = ClientJob.from_message(msg, context)
-    loss, acc = job.personalized_eval(job.task(), last_round=job.server_round == job.cfg.federation.rounds)
+    task = job.task()
+    if lmc.mixing(job.cfg):
+        lmc.apply_weights(job, task)
+    loss, acc = job.personalized_eval(task, last_round=job.server_round == job.cfg.federation.rounds)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: len(job.test_data),

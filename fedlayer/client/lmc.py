@@ -1,23 +1,56 @@
-"""``lmc``'s client side: in a decision round, the cost of sharing each block, measured on the client's
-own data.
+"""``lmc``'s client side: what a client measures for the server's sharing decision.
 
-The server side (the decision rule, the policy, its log) is :mod:`strategies.lmc`; the maths is
-:func:`fedlayer.analysis.sharing.sharing_costs`.
+- ``lmc_criterion = "barrier"``: in a decision round, the cost of sharing each block, measured on the
+  client's own data (:func:`cost_metrics`; the maths is :func:`fedlayer.analysis.sharing.sharing_costs`).
+- ``lmc_criterion = "mixing"``: every round, before training, the client starts each block that has a
+  server value from θ_l = θ_l^own + w_l (θ_l^server − θ_l^own) and learns w_l ∈ [0, 1] on a held-out slice
+  of its training data (:func:`mix`); decision rounds report the weights.
+
+The server side (the decision rules, the policies, their log) is :mod:`strategies.lmc`.
+
+Mixing in detail. θ^own is the client's own copy of every block, as it kept it after its last training
+(a dynamic algorithm keeps every key); θ^server is the round's global value of a shared block, or the
+server's average of a personal block when the decision round sends that reference. With L the mean
+cross-entropy on the held-out slice, evaluated in eval mode,
+
+    dL/dw_l = Σ_{tensors t of l} ⟨∇_t L(θ(w)), θ_t^server − θ_t^own⟩,   w ← clip(w − η ∇_w L, 0, 1),
+
+``lmc_mix_steps`` full-batch steps of rate ``lmc_mix_lr`` per round (η is in weight per nat: the gradient is
+the first-order change of the held-out loss from the own block to the server's). Float buffers are mixed by
+the same w (no gradient flows through them), integer buffers take the server's value. The held-out slice is
+a fixed seeded subset of the training split (same samples every round, never trained on): a fraction
+``lmc_holdout``, at least ``lmc_holdout_min`` samples, at most half. w starts at 1 (the server's value), is
+kept across rounds as the client state ``mix`` and is not learned in a client's first round (no own copy
+yet) nor for a block without a server value in the round (a personal block outside decision rounds).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord
+from torch import nn
+from torch.func import functional_call
 
 from fedlayer.analysis.sharing import cost_sample, sharing_costs
-from fedlayer.contract import COST_PREFIX
-from fedlayer.experiment import cost_generator
+from fedlayer.config import Config, StrategyConfig
+from fedlayer.contract import COST_PREFIX, MIX_PREFIX
+from fedlayer.experiment import cost_generator, holdout_generator
 from fedlayer.models import model_blocks
+from fedlayer.training import load_state
 
 if TYPE_CHECKING:
     from fedlayer.client.app import ClientJob
+    from fedlayer.client.recipes import LocalTask
+
+MIX_STATE = "mix"  # the client state of the weights: "mix.<block>" -> a 0-d tensor
+HOLDOUT_CHUNK = 1024  # held-out samples per forward pass (gradients are summed over chunks)
+
+Tensors = Mapping[str, torch.Tensor]
 
 
 def cost_metrics(job: ClientJob, reference: ArrayRecord | None) -> dict[str, float]:
@@ -34,3 +67,143 @@ def cost_metrics(job: ClientJob, reference: ArrayRecord | None) -> dict[str, flo
     alpha = job.cfg.strategy.lmc_alpha
     costs = sharing_costs(job.model, server, blocks, sample, device=job.device, alpha=alpha)
     return {COST_PREFIX + block: cost for block, cost in costs.items()}
+
+
+def mixing(cfg: Config) -> bool:
+    """Whether clients learn mixing weights (``strategy.lmc_criterion = "mixing"``)."""
+    return cfg.strategy.name == "lmc" and cfg.strategy.lmc_criterion == "mixing"
+
+
+def holdout_split(
+    n: int, strategy: StrategyConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, held-out indices) of a client's ``n`` training samples, each sorted."""
+    size = min(max(math.ceil(strategy.lmc_holdout * n), strategy.lmc_holdout_min), n // 2)
+    order = torch.randperm(n, generator=generator)
+    return order[size:].sort().values, order[:size].sort().values
+
+
+def split(job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
+    """The client's fixed (training, held-out) indices of its training split."""
+    generator = holdout_generator(job.cfg, job.partition_id)
+    return holdout_split(len(job.train_data), job.cfg.strategy, generator)
+
+
+def mixed_state(
+    own: Tensors, server: Tensors, blocks: Mapping[str, list[str]], weights: Mapping[str, float]
+) -> dict[str, torch.Tensor]:
+    """θ_t = θ_t^own + w_l (θ_t^server − θ_t^own) for every tensor t of every block l in ``weights``;
+    integer tensors (BatchNorm's counter) take the server's value."""
+    mixed = {}
+    for block, w in weights.items():
+        for key in blocks[block]:
+            mine, theirs = own[key], server[key].to(own[key].device)
+            mixed[key] = mine + w * (theirs - mine) if mine.is_floating_point() else theirs.clone()
+    return mixed
+
+
+def learn_weights(
+    model: nn.Module,
+    own: Tensors,
+    server: Tensors,
+    blocks: Mapping[str, list[str]],
+    weights: Mapping[str, float],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """The weights of ``weights``' blocks after ``steps`` projected SGD steps on the held-out loss of
+    (x, y) (see the module docstring); ``model``'s other tensors stay at their current values and the model
+    itself is left unchanged."""
+    names = list(weights)
+    if not names or steps == 0 or len(y) == 0:
+        return dict(weights)
+    params = {name for name, _ in model.named_parameters()}
+    current = model.state_dict()
+    keys = [(i, key) for i, block in enumerate(names) for key in blocks[block]]
+    own = {k: own[k].to(device) for _, k in keys}
+    delta = {k: server[k].to(device) - own[k] for _, k in keys if own[k].is_floating_point()}
+
+    def state(w: torch.Tensor) -> dict[str, torch.Tensor]:
+        mixed = dict(current)
+        for i, key in keys:
+            if key not in delta:
+                mixed[key] = server[key].to(device)
+            else:  # no gradient through buffers (running statistics)
+                mixed[key] = own[key] + (w[i] if key in params else w[i].detach()) * delta[key]
+        return mixed
+
+    w = torch.tensor([weights[b] for b in names], dtype=torch.float32, device=device)
+    training = model.training
+    model.eval()
+    try:
+        for _ in range(steps):
+            w.requires_grad_(True)
+            grad = torch.zeros_like(w)
+            for start in range(0, len(y), HOLDOUT_CHUNK):
+                xb, yb = (
+                    x[start : start + HOLDOUT_CHUNK].to(device),
+                    y[start : start + HOLDOUT_CHUNK].to(device),
+                )
+                loss = F.cross_entropy(functional_call(model, state(w), (xb,)), yb, reduction="sum") / len(y)
+                grad += torch.autograd.grad(loss, w)[0]
+            w = torch.clamp(w.detach() - lr * grad, 0.0, 1.0)
+    finally:
+        model.train(training)
+    return dict(zip(names, w.tolist(), strict=True))
+
+
+def mix(job: ClientJob, task: LocalTask, reference: ArrayRecord | None) -> dict[str, float]:
+    """Learn this round's weights, load the mixed blocks into the task's model (it trains from them) and
+    keep the weights; ``mix.<block>`` -> the weight of every block that had a server value (nothing in the
+    client's first round: it has no own copy to weigh against, and its weights are the initial 1)."""
+    server = job.incoming | (reference.to_torch_state_dict() if reference is not None else {})
+    blocks = _mixable(job, server)
+    weights = current_weights(task, blocks)
+    if blocks and job.own:
+        _, held_out = split(job)
+        strategy = job.cfg.strategy
+        x, y = job.train_data.x[held_out], job.train_data.y[held_out]
+        weights |= learn_weights(
+            task.model,
+            job.own,
+            server,
+            blocks,
+            {b: weights[b] for b in blocks},
+            x,
+            y,
+            steps=strategy.lmc_mix_steps,
+            lr=strategy.lmc_mix_lr,
+            device=job.device,
+        )
+        load_state(task.model, mixed_state(job.own, server, blocks, {b: weights[b] for b in blocks}))
+    task.keep(MIX_STATE, {b: torch.tensor(w) for b, w in weights.items()})
+    return {MIX_PREFIX + b: weights[b] for b in blocks} if job.own else {}
+
+
+def apply_weights(job: ClientJob, task: LocalTask) -> None:
+    """The personalized model of an evaluate instruction: the received blocks mixed into the client's own
+    copy by the weights it learned last (nothing to mix before it has trained once)."""
+    blocks = _mixable(job, job.incoming)
+    if blocks and job.own:
+        weights = current_weights(task, blocks)
+        load_state(task.model, mixed_state(job.own, job.incoming, blocks, {b: weights[b] for b in blocks}))
+
+
+def current_weights(task: LocalTask, blocks: Mapping[str, list[str]]) -> dict[str, float]:
+    """The kept weight of every block (1, the server's value, for a block never weighed), and ``blocks``'."""
+    kept = {b: float(w) for b, w in task.entry(MIX_STATE).items()}
+    return kept | {b: kept.get(b, 1.0) for b in blocks}
+
+
+def _mixable(job: ClientJob, server: Tensors) -> dict[str, list[str]]:
+    """The blocks with a server value and an own copy (model order)."""
+    own = job.own
+    return {
+        b: keys
+        for b, keys in model_blocks(job.model).items()
+        if set(keys) <= server.keys() and (not own or set(keys) <= own.keys())
+    }

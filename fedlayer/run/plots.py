@@ -255,29 +255,32 @@ def plot_analysis(run_dir: Path) -> list[Path]:
 
 
 def shared_blocks_figure(history: Mapping[str, Any]) -> Figure | None:
-    """Barrier-guided sharing (``lmc``): block x round, shared (green) or personal (white), with the cost
-    of sharing each block measured in decision rounds; from ``layers_by_round.json``."""
+    """Barrier-guided sharing (``lmc``): block x round, shared (green) or personal (white), with the
+    evidence of decision rounds (the cost of sharing each block, or its clients' mean mixing weight); from
+    ``layers_by_round.json``."""
     if not history:
         return None
     blocks, rounds = history["blocks"], sorted(history["rounds"], key=int)
     shared = [set(history["rounds"][r]["shared"]) for r in rounds]
     grid = np.array([[block in s for s in shared] for block in blocks], dtype=float)
+    evidence = "weights" if any("weights" in history["rounds"][r] for r in rounds) else "costs"
     fig = Figure(figsize=(max(5.5, 2.0 + 0.3 * len(rounds)), 1.8 + 0.3 * len(blocks)), layout="constrained")
     ax = fig.subplots()
     ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1.4, interpolation="nearest")
     if len(rounds) * len(blocks) <= MAX_ANNOTATED_CELLS:
         for j, r in enumerate(rounds):
             for i, block in enumerate(blocks):
-                if (cost := history["rounds"][r]["costs"].get(block)) is not None:
+                if (cost := history["rounds"][r].get(evidence, {}).get(block)) is not None:
                     ax.text(j, i, f"{cost:.2f}", ha="center", va="center", fontsize=6)
     ax.set_xticks(range(len(rounds)), rounds, fontsize=7)
     ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
     ax.set_xlabel("round")
-    ax.set_title(
-        "Shared blocks (green) and personal (white) per round\nnumbers: cost of sharing measured that "
-        "round\n(loss increase; strategy.lmc_statistic over clients)",
-        fontsize=9,
+    measured = (
+        "clients' mean mixing weight learned that round\n(strategy.lmc_criterion = mixing)"
+        if evidence == "weights"
+        else "cost of sharing measured that round\n(loss increase; strategy.lmc_statistic over clients)"
     )
+    ax.set_title(f"Shared blocks (green) and personal (white) per round\nnumbers: {measured}", fontsize=9)
     return fig
 
 
