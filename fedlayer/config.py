@@ -43,6 +43,7 @@ AlgorithmName = Literal[
     "fedrod",
     "feddbe",
     "fedcac",
+    "gpfl",
     "local",
     "partial",
     "lmc",
@@ -332,6 +333,17 @@ class StrategyConfig:
         "fedcac: rounds over which the collaboration threshold rises from the mean overlap to the maximum "
         "(PFLlib's beta, which has no usable default; FL-bench's 170)",
         AT_LEAST_1,
+    )
+    gpfl_lambda: float = setting(
+        1.0,
+        "gpfl: weight of the distance of the generic features to their frozen class embeddings "
+        "(PFLlib's lamda, default 1.0)",
+        AT_LEAST_0,
+    )
+    gpfl_mu: float = setting(
+        0.0,
+        "gpfl: L2 weight decay on the category embedding and the conditional valve (PFLlib's mu, default 0)",
+        AT_LEAST_0,
     )
     lmc_source: LmcSource = setting(
         "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"
