@@ -6,11 +6,12 @@ classifier blocks in ``HEAD_BLOCKS``; the groups ``head``, ``body`` and ``norm``
 from module types, never from substrings of names.
 
 **Extensions** are modules an algorithm adds to any model with ``head`` / ``body`` groups (FedRoD's second
-head, FedDBE's feature bias, GPFL's category embedding and valve), built on the server and every client alike (:func:`extend`), so the state
-dict — and with it the shared / personal key selection — includes them. An extension is attached to the
-model's own module tree (keys ``<name>.<tensor>`` beside the model's unchanged keys) and works through a
-forward hook on the head block, whose input is the body's features. The declaration
-(:mod:`strategies.algorithms`) names the extension and says which of its blocks are shared.
+head, FedDBE's feature bias, GPFL's category embedding and conditional valve), built on the server and every
+client alike (:func:`extend`), so the state dict — and with it the shared / personal key selection —
+includes them. An extension is attached to the model's own module tree (keys ``<name>.<tensor>`` beside the
+model's unchanged keys) and works through forward hooks on the head block, whose input is the body's
+features. The declaration (:mod:`strategies.algorithms`) names the extension and says which of its blocks
+are shared.
 """
 
 from __future__ import annotations
@@ -425,7 +426,9 @@ class ValveInput:
 
     def __deepcopy__(self, memo: dict[int, object]) -> ValveInput:
         twin = ValveInput(
-            copy.deepcopy(self.valve, memo), copy.deepcopy(self.inputs, memo), copy.deepcopy(self.embedding, memo)
+            copy.deepcopy(self.valve, memo),
+            copy.deepcopy(self.inputs, memo),
+            copy.deepcopy(self.embedding, memo),
         )
         twin.active = self.active
         return twin
