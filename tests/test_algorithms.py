@@ -1,6 +1,6 @@
 """Every algorithm in the real simulation engine (3 clients x 2 rounds), plus what each one promises; the
-methods beyond a block split (Ditto, FedALA, FedRoD, FedDBE) with the analysis hook on (one simulation per
-algorithm serves every test here: CI's time budget)."""
+methods beyond a block split (Ditto, FedALA, FedRoD, FedDBE, FedCAC, GPFL) with the analysis hook on (one
+simulation per algorithm serves every test here: CI's time budget)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ EXTRA = {
     "fedrod": HOOK,
     "feddbe": ["strategy.dbe_kl_weight=1.0", *HOOK],  # PFLlib's 0 would leave the regularizer untested
     "fedcac": ["strategy.cac_beta=1", *HOOK],  # from round 2 on no client collaborates: customized = own
+    "gpfl": ["strategy.gpfl_mu=0.01", *HOOK],  # PFLlib's 0 would leave the decay untested
 }
-METHODS = ["ditto", "fedala", "fedrod", "feddbe", "fedcac"]
+METHODS = ["ditto", "fedala", "fedrod", "feddbe", "fedcac", "gpfl"]
 
 
 def simulated(data_root: Path, out: Path, name: str, ray_address: str) -> RunDir:
@@ -80,7 +81,8 @@ def test_algorithm_runs_two_rounds(runs: dict[str, RunDir], name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["fedper", "fedrep", "fedbabu", "lgfedavg", "fedbn", "partial", "local", "fedrod", "feddbe"]
+    "name",
+    ["fedper", "fedrep", "fedbabu", "lgfedavg", "fedbn", "partial", "local", "fedrod", "feddbe", "gpfl"],
 )
 def test_personal_keys_stay_at_the_initial_values_on_the_server(runs: dict[str, RunDir], name: str) -> None:
     run = runs[name]
