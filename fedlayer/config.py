@@ -44,6 +44,7 @@ AlgorithmName = Literal[
     "feddbe",
     "fedcac",
     "fedcp",
+    "gpfl",
     "local",
     "partial",
     "lmc",
@@ -343,6 +344,17 @@ class StrategyConfig:
         1.0,
         "fedcp: weight of the MMD between the features of the trained body and of the received body "
         "(PFLlib's lamda, default 1.0)",
+        AT_LEAST_0,
+    )
+    gpfl_lambda: float = setting(
+        1.0,
+        "gpfl: weight of the distance of the generic features to their frozen class embeddings "
+        "(PFLlib's lamda, default 1.0)",
+        AT_LEAST_0,
+    )
+    gpfl_mu: float = setting(
+        0.0,
+        "gpfl: L2 weight decay on the category embedding and the conditional valve (PFLlib's mu, default 0)",
         AT_LEAST_0,
     )
     lmc_criterion: LmcCriterion = setting(

@@ -6,11 +6,12 @@ classifier blocks in ``HEAD_BLOCKS``; the groups ``head``, ``body`` and ``norm``
 from module types, never from substrings of names.
 
 **Extensions** are modules an algorithm adds to any model with ``head`` / ``body`` groups (FedRoD's second
-head, FedDBE's feature bias, FedCP's personal head and policy), built on the server and every client alike
-(:func:`extend`), so the state dict — and with it the shared / personal key selection — includes them. An
-extension is attached to the model's own module tree (keys ``<name>.<tensor>`` beside the model's unchanged
-keys) and works through a forward hook on the head block, whose input is the body's features. The declaration
-(:mod:`strategies.algorithms`) names the extension and says which of its blocks are shared.
+head, FedDBE's feature bias, FedCP's personal head and policy, GPFL's category embedding and conditional
+valve), built on the server and every client alike (:func:`extend`), so the state dict — and with it the
+shared / personal key selection — includes them. An extension is attached to the model's own module tree
+(keys ``<name>.<tensor>`` beside the model's unchanged keys) and works through forward hooks on the head
+block, whose input is the body's features. The declaration (:mod:`strategies.algorithms`) names the
+extension and says which of its blocks are shared.
 """
 
 from __future__ import annotations
@@ -357,12 +358,17 @@ def rod_head(model: nn.Module, strategy: StrategyConfig) -> None:
     head.register_forward_hook(PersonalHead(personal))
 
 
-def feature_size(head: nn.Module) -> int:
-    """Width of the features a head takes (its weight's input dimension)."""
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The head's weight (classes x features)."""
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         raise TypeError(f"an extension needs a head block with a weight; got {type(head).__name__}")
-    return int(weight.shape[1])
+    return weight
+
+
+def feature_size(head: nn.Module) -> int:
+    """Width of the features a head takes (its weight's input dimension)."""
+    return int(head_weight(head).shape[1])
 
 
 def dbe(model: nn.Module, strategy: StrategyConfig) -> None:
@@ -465,10 +471,104 @@ def cp(model: nn.Module, strategy: StrategyConfig) -> None:
     head.register_forward_hook(FeatureSplit(personal, policy))
 
 
+class ConditionalValve(nn.Module):
+    """GPFL's Conditional Valve (PFLlib's ``CoV``): per-feature γ = LN(ReLU(W_γ c + b_γ)) and
+    β = LN(ReLU(W_β c + b_β)) from a conditional input c; the features z become ReLU(z ⊙ (1 + γ) + β)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.gamma = nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.LayerNorm([features]))
+        self.beta = nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.LayerNorm([features]))
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return F.relu(z * (1 + self.gamma(context)) + self.beta(context))
+
+
+class ConditionalInputs(nn.Module):
+    """GPFL's personal conditional inputs: ``generic`` (mean of the class embeddings) and ``personal``
+    (their mean weighted by the client's class shares), computed after local training; zeros before."""
+
+    generic: torch.Tensor
+    personal: torch.Tensor
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("generic", torch.zeros(features))
+        self.register_buffer("personal", torch.zeros(features))
+
+
+def category_logits(features: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """GPFL's Global Category Embedding scores: cosine similarity of each feature row to each class's
+    embedding (PFLlib's ``GCE.forward`` before its log-softmax)."""
+    return F.linear(F.normalize(features), F.normalize(embedding))
+
+
+class ValveInput:
+    """GPFL's forward (pre-hook on the head): the head sees CoV(z, personal input); each forward keeps z
+    (``features``) for the loss. ``active = False`` (the global model) conditions on the generic input of the
+    model's own GCE, the mean of its class embeddings (the server holds no client's inputs)."""
+
+    def __init__(self, valve: ConditionalValve, inputs: ConditionalInputs, embedding: nn.Embedding) -> None:
+        self.valve, self.inputs, self.embedding = valve, inputs, embedding
+        self.active = True
+        self.features: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict[int, object]) -> ValveInput:
+        twin = ValveInput(
+            copy.deepcopy(self.valve, memo),
+            copy.deepcopy(self.inputs, memo),
+            copy.deepcopy(self.embedding, memo),
+        )
+        twin.active = self.active
+        return twin
+
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        self.features = inputs[0]
+        context = self.inputs.personal if self.active else self.embedding.weight.mean(0)
+        return (self.valve(inputs[0], context), *inputs[1:])
+
+
+class CategoryOutput:
+    """GPFL's global prediction (forward hook on the head): with ``active = False`` the logits are the
+    cosine scores of the conditioned features against the GCE (:func:`category_logits`), the classifier
+    GPFL trains on the generic branch; active, the head's own output."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        self.embedding = embedding
+        self.active = True
+
+    def __deepcopy__(self, memo: dict[int, object]) -> CategoryOutput:
+        twin = CategoryOutput(copy.deepcopy(self.embedding, memo))
+        twin.active = self.active
+        return twin
+
+    def __call__(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        return output if self.active else category_logits(inputs[0], self.embedding.weight)
+
+
+def gpfl(model: nn.Module, strategy: StrategyConfig) -> None:
+    """GPFL (Zhang et al., 2023): ``gpfl_gce`` (the Global Category Embedding, one row per class),
+    ``gpfl_cov`` (the Conditional Valve on the head's input) and ``gpfl_inputs`` (the personal conditional
+    inputs) beside the model."""
+    head = head_module(model)
+    classes, features = head_weight(head).shape[:2]
+    embedding = nn.Embedding(classes, features)
+    valve = ConditionalValve(features)
+    inputs = ConditionalInputs(features)
+    model.add_module("gpfl_gce", embedding)
+    model.add_module("gpfl_cov", valve)
+    model.add_module("gpfl_inputs", inputs)
+    head.register_forward_pre_hook(ValveInput(valve, inputs, embedding))
+    head.register_forward_hook(CategoryOutput(embedding))
+
+
 EXTENSIONS: dict[str, Callable[[nn.Module, StrategyConfig], None]] = {
     "rod_head": rod_head,
     "dbe": dbe,
     "cp": cp,
+    "gpfl": gpfl,
 }
 
 
@@ -479,7 +579,7 @@ def extend(model: nn.Module, name: str | None, strategy: StrategyConfig) -> nn.M
     return model
 
 
-Hook = PersonalHead | FeatureBias | FeatureSplit
+Hook = PersonalHead | FeatureBias | FeatureSplit | ValveInput | CategoryOutput
 
 
 def hooks_of(model: nn.Module) -> list[Hook]:
@@ -490,7 +590,8 @@ def hooks_of(model: nn.Module) -> list[Hook]:
 
 def global_view(model: nn.Module) -> nn.Module:
     """The model as the server evaluates it: the extensions' personal parts off (FedRoD: g(z) alone; FedDBE:
-    no personal bias; FedCP: the global head on the whole features, h_g(z))."""
+    no personal bias; FedCP: the global head on the whole features, h_g(z); GPFL: the GCE's cosine scores of
+    CoV(z, generic input))."""
     for hook in hooks_of(model):
         hook.active = False
     return model

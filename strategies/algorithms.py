@@ -138,6 +138,15 @@ ALGORITHMS: dict[str, Algorithm] = {
             recipe="fedcp",
             extension="cp",
         ),
+        Algorithm(
+            "gpfl",
+            _ALL,
+            "conditional valve on the features: personal head on their personalized view, a shared class "
+            "embedding on their generic one (Zhang et al., 2023)",
+            exclude=("group:head", "gpfl_inputs"),
+            recipe="gpfl",
+            extension="gpfl",
+        ),
         Algorithm("local", (), "nothing averaged: independent local training"),
         Algorithm(
             "partial", None, "personalization averaging: strategy.shared blocks averaged (Adilova et al.)"

@@ -1,6 +1,6 @@
 """Every algorithm in the real simulation engine (3 clients x 2 rounds), plus what each one promises; the
-methods beyond a block split (Ditto, FedALA, FedRoD, FedDBE, FedCAC, FedCP) with the analysis hook on (one
-simulation per algorithm serves every test here: CI's time budget)."""
+methods beyond a block split (Ditto, FedALA, FedRoD, FedDBE, FedCAC, FedCP, GPFL) with the analysis hook
+on (one simulation per algorithm serves every test here: CI's time budget)."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ EXTRA = {
     "feddbe": ["strategy.dbe_kl_weight=1.0", *HOOK],  # PFLlib's 0 would leave the regularizer untested
     "fedcac": ["strategy.cac_beta=1", *HOOK],  # from round 2 on no client collaborates: customized = own
     "fedcp": HOOK,
+    "gpfl": ["strategy.gpfl_mu=0.01", *HOOK],  # PFLlib's 0 would leave the decay untested
 }
-METHODS = ["ditto", "fedala", "fedrod", "feddbe", "fedcac", "fedcp"]
+METHODS = ["ditto", "fedala", "fedrod", "feddbe", "fedcac", "fedcp", "gpfl"]
 
 
 def simulated(data_root: Path, out: Path, name: str, ray_address: str) -> RunDir:
@@ -83,10 +84,10 @@ def test_algorithm_runs_two_rounds(runs: dict[str, RunDir], name: str) -> None:
     assert rows[-1]["personalized_acc"] > 0.3
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["fedper", "fedrep", "fedbabu", "lgfedavg", "fedbn", "partial", "local", "fedrod", "feddbe", "fedcp"],
-)
+SPLITS = ["fedper", "fedrep", "fedbabu", "lgfedavg", "fedbn", "partial", "local"]
+
+
+@pytest.mark.parametrize("name", [*SPLITS, "fedrod", "feddbe", "fedcp", "gpfl"])
 def test_personal_keys_stay_at_the_initial_values_on_the_server(runs: dict[str, RunDir], name: str) -> None:
     run = runs[name]
     personal = json.loads(run.file("layers.json").read_text())["personal_keys"]

@@ -473,7 +473,7 @@ def test_fedcp_client_uploads_the_merged_global_head(tiny_fmnist: Path, tmp_path
     assert not torch.equal(kept["cp_head.weight"], received["cp_head.weight"]), "h_p trained"
 
 
-@pytest.mark.parametrize("name", ["ditto", "fedala", "fedrod", "feddbe", "fedcp"])
+@pytest.mark.parametrize("name", ["ditto", "fedala", "fedrod", "feddbe", "fedcp", "gpfl"])
 def test_the_client_app_restores_client_state_and_extensions_after_a_restart(
     name: str, tiny_fmnist: Path, tmp_path: Path
 ) -> None:
@@ -506,3 +506,101 @@ def test_the_client_app_restores_client_state_and_extensions_after_a_restart(
     saved = torch.load(tmp_path / "node" / "run-7" / "partition-0" / "round-000001.pt", weights_only=True)
     declared = {k.split(".")[1] for k in saved if k.startswith("state.")}
     assert declared <= set(ALGORITHMS[name].state)
+
+
+def gpfl_model() -> nn.Module:
+    return extend(TwoLayer(), "gpfl", StrategyConfig(name="gpfl"))
+
+
+def test_gpfl_step_with_valve_category_embedding_pull_and_decay() -> None:
+    """z_c = ReLU(z ⊙ (1 + γ(c)) + β(c)), γ(c) = LN(ReLU(W_γ c + b_γ)) (β alike); loss
+    CE(head(z_p), y) + CE(cos(z_g, E), y) + λ ‖z_g - E₀[y]‖_F; E and the valve decay by μ (Zhang et al., 2023,
+    eq. 3-9 as PFLlib's clientGPFL.train: lines 63-85)."""
+    lam, mu = 0.7, 0.2
+    model = gpfl_model()
+    p_in, g_in = torch.linspace(-1.0, 1.0, 5), torch.linspace(0.5, -0.5, 5)
+    with torch.no_grad():
+        model.gpfl_inputs.personal.copy_(p_in)
+        model.gpfl_inputs.generic.copy_(g_in)
+    x, y = data()
+    b = {k: t.detach().clone().requires_grad_() for k, t in model.named_parameters()}
+    z = torch.relu(x @ b["fc1.weight"].T + b["fc1.bias"])
+
+    def valve(c: torch.Tensor) -> torch.Tensor:
+        def branch(name: str) -> torch.Tensor:
+            h = torch.relu(b[f"gpfl_cov.{name}.0.weight"] @ c + b[f"gpfl_cov.{name}.0.bias"])
+            return layer_norm(h, b[f"gpfl_cov.{name}.2.weight"], b[f"gpfl_cov.{name}.2.bias"])
+
+        return torch.relu(z * (1 + branch("gamma")) + branch("beta"))
+
+    z_p, z_g = valve(p_in), valve(g_in)
+    emb = b["gpfl_gce.weight"]
+    cosine = (z_g / z_g.norm(dim=1, keepdim=True)) @ (emb / emb.norm(dim=1, keepdim=True)).T
+    onehot = nn.functional.one_hot(y, C).float()
+    category = -(onehot * torch.log_softmax(cosine, dim=1)).sum(1).mean()
+    logits = z_p @ b["fc2.weight"].T + b["fc2.bias"]
+    ce = -(onehot * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    pull = torch.sqrt(((z_g - emb.detach()[y]) ** 2).sum())
+    hand = ce + category + lam * pull
+    names = list(b)
+    grads = dict(zip(names, torch.autograd.grad(hand, [b[k] for k in names]), strict=True))
+    err = (torch.softmax(logits, dim=1) - onehot).detach() / N
+    torch.testing.assert_close(grads["fc2.weight"], err.T @ z_p.detach())  # the head sees z_p only
+    RECIPES["gpfl"](task_of(model, gpfl_lambda=lam, gpfl_mu=mu))
+    after = model.state_dict()
+    for k in names:
+        decay = mu * b[k].detach() if k.startswith(("gpfl_gce.", "gpfl_cov.")) else 0.0
+        torch.testing.assert_close(after[k], b[k].detach() - LR * (grads[k] + decay), msg=k)
+
+
+def test_gpfl_conditional_inputs_after_training_and_zero_before() -> None:
+    """PFLlib's set_GCE (lines 101-108): generic = Σ_c E_c / C, personal = Σ_c E_c · n_c / n, from the
+    client's trained embedding; both zero until the first training."""
+    model = gpfl_model()
+    assert not model.gpfl_inputs.generic.any() and not model.gpfl_inputs.personal.any()
+    task = task_of(model)
+    RECIPES["gpfl"](task)
+    emb = model.gpfl_gce.weight.detach()
+    counts = [int((task.y == c).sum()) for c in range(C)]
+    personal = sum(emb[c] * counts[c] / N for c in range(C))
+    generic = sum(emb[c] / C for c in range(C))
+    torch.testing.assert_close(model.gpfl_inputs.personal, personal)
+    torch.testing.assert_close(model.gpfl_inputs.generic, generic)
+    assert not torch.equal(emb, tiny_gce()), "the embedding trained before the inputs were taken"
+
+
+def tiny_gce() -> torch.Tensor:
+    return gpfl_model().gpfl_gce.weight.detach()
+
+
+@pytest.mark.parametrize("name", list(MODEL_CLASSES))
+def test_gpfl_extends_every_model_and_shares_body_embedding_and_valve(name: str) -> None:
+    """Shared: the model's body, the category embedding and the valve; personal: the head and the
+    conditional inputs. Personalized: head(CoV(z, p)); the global view: cos(CoV(z, mean E), E)."""
+    model = extend(build_model(name, 10, 1, 28), "gpfl", StrategyConfig(name="gpfl"))
+    cfg = StrategyConfig(name="gpfl")
+    resolution = resolve(get_algorithm(cfg).selector(cfg), model)
+    head = model_groups(model)["head"]
+    assert head == list(type(model).HEAD_BLOCKS)  # type: ignore[attr-defined]
+    inputs = {"gpfl_inputs.generic", "gpfl_inputs.personal"}
+    assert set(resolution.personal_keys) == {f"{head[0]}.weight", f"{head[0]}.bias"} | inputs
+    assert {"gpfl_gce.weight", "gpfl_cov.gamma.0.weight", "gpfl_cov.beta.2.bias"} <= set(
+        resolution.shared_keys
+    )
+    with torch.no_grad():
+        model.gpfl_inputs.personal.normal_()
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    features = {}
+    head_module(model).register_forward_pre_hook(lambda m, i: features.setdefault("z", i[0]), prepend=True)
+    personalized = model(x)
+    z, emb = features["z"], model.gpfl_gce.weight
+    torch.testing.assert_close(
+        personalized, head_module(model).forward(model.gpfl_cov(z, model.gpfl_inputs.personal))
+    )
+    glob = global_view(copy.deepcopy(model))
+    conditioned = nn.functional.normalize(model.gpfl_cov(z, emb.mean(0)))
+    torch.testing.assert_close(glob(x), conditioned @ nn.functional.normalize(emb).T)
+    with torch.no_grad():
+        glob.gpfl_cov.gamma[0].weight.zero_()  # the copy's hooks use the copy's modules
+    torch.testing.assert_close(model(x), personalized)

@@ -20,10 +20,13 @@ from torch.func import functional_call
 from fedlayer.config import StrategyConfig, TrainConfig
 from fedlayer.contract import CRITICAL
 from fedlayer.models import (
+    ConditionalInputs,
     FeatureBias,
     FeatureSplit,
     PersonalHead,
     RunningMean,
+    ValveInput,
+    category_logits,
     head_context,
     head_module,
     hooks_of,
@@ -255,6 +258,45 @@ def feddbe(task: LocalTask) -> float:
     return task.run(task.train.epochs, trainable=trainable, loss_fn=loss)
 
 
+def gpfl(task: LocalTask) -> float:
+    """GPFL (Zhang et al., 2023; PFLlib's clientGPFL): with z the body's features, the conditional valve
+    (extension ``gpfl``) gives z_p = CoV(z, p) and z_g = CoV(z, g), p and g the personal and generic
+    conditional inputs. Loss per batch: CE(head(z_p), y) + CE(cos(z_g, E), y) + λ ‖z_g - E₀[y]‖ (the norm
+    over the whole batch, unsquared), E the category embedding, E₀ its value received this round (frozen);
+    μ/2 ‖θ‖² on E and the valve is PFLlib's weight decay μ of their optimizers. After training
+    g = mean_c E_c and p = Σ_c share_c E_c (share_c: class c's share of the local training data)."""
+    valve = _hook(task.model, ValveInput)
+    embedding, cov, inputs = valve.embedding, valve.valve, valve.inputs
+    received = embedding.weight.detach().clone()
+    lam = task.strategy.gpfl_lambda
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        assert valve.features is not None
+        generic = cov(valve.features, inputs.generic)
+        category = F.cross_entropy(category_logits(generic, embedding.weight), y)
+        pull = torch.linalg.vector_norm(generic - received[y])
+        return F.cross_entropy(logits, y) + category + lam * pull
+
+    mu = task.strategy.gpfl_mu
+    decayed = [f"gpfl_gce.{k}" for k, _ in embedding.named_parameters()]
+    decayed += [f"gpfl_cov.{k}" for k, _ in cov.named_parameters()]
+    params = dict(task.model.named_parameters())
+    decay = Proximal(mu, {k: torch.zeros_like(params[k]) for k in decayed}) if mu > 0 else None
+    mean_loss = task.run(task.train.epochs, loss_fn=loss, proximal=decay)
+    conditional_inputs(inputs, embedding.weight, task.y)
+    return mean_loss
+
+
+def conditional_inputs(inputs: ConditionalInputs, embedding: torch.Tensor, y: torch.Tensor) -> None:
+    """GPFL's conditional inputs from the trained category embedding (classes x features): generic = the
+    mean of its rows, personal = their sum weighted by each class's share of the labels ``y``."""
+    with torch.no_grad():
+        shares = torch.bincount(y, minlength=embedding.shape[0]).to(embedding) / max(len(y), 1)
+        inputs.generic.copy_(embedding.mean(0))
+        inputs.personal.copy_(shares @ embedding)
+
+
 CAC_ZERO = 1e-10  # PFLlib's FedCAC: a threshold at or below this is replaced by the least value above 1e-20
 
 
@@ -365,7 +407,7 @@ def fedcp(task: LocalTask) -> float:
     return mean_loss
 
 
-H = TypeVar("H", PersonalHead, FeatureBias, FeatureSplit)
+H = TypeVar("H", PersonalHead, FeatureBias, FeatureSplit, ValveInput)
 
 
 def _hook(model: nn.Module, kind: type[H]) -> H:
@@ -436,6 +478,7 @@ RECIPES: dict[str, Callable[[LocalTask], float]] = {
     "feddbe": feddbe,
     "fedcac": fedcac,
     "fedcp": fedcp,
+    "gpfl": gpfl,
 }
 PERSONALIZATIONS: dict[str, Callable[[LocalTask, bool], nn.Module]] = {
     "as_is": as_is,
