@@ -21,14 +21,24 @@ TINY = ("federation.clients=3", "federation.fraction_train=1.0", "federation.rou
 
 # `make test-all`, not CI: test_resume is the same resume; the client-state store is unit-tested (test_store)
 @pytest.mark.extended
-def test_feddbe_resumes_after_sigkill_to_the_uninterrupted_result(tiny_fmnist: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [
+        # PFLlib's default dbe_kl_weight 0 would leave the regularizer's state untested
+        ("feddbe", ["strategy.dbe_kl_weight=1.0"]),
+        # killed after a decision round: the policy's weights and shared set and the clients' weights resume
+        ("lmc", ["strategy.lmc_criterion='mixing'"]),
+    ],
+)
+def test_method_resumes_after_sigkill_to_the_uninterrupted_result(
+    name: str, settings: list[str], tiny_fmnist: Path, tmp_path: Path
+) -> None:
     """FedDBE has both a model extension and client state; Ditto's and FedALA's state and FedRoD's
-    extension take the same paths (one method here: CI's time budget)."""
-    name = "feddbe"
+    extension take the same paths. ``lmc`` with the mixing criterion: client state and a server policy
+    decided every round."""
 
     def args(out: Path) -> list[str]:
-        # PFLlib's default dbe_kl_weight 0 would leave the regularizer's state untested
-        return cli_args(tiny_fmnist, out, *TINY, f"strategy.name='{name}'", "strategy.dbe_kl_weight=1.0")
+        return cli_args(tiny_fmnist, out, *TINY, f"strategy.name='{name}'", *settings)
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run(args(reference))
@@ -38,6 +48,8 @@ def test_feddbe_resumes_after_sigkill_to_the_uninterrupted_result(tiny_fmnist: P
     assert rows == metrics(reference)
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["clients_trained"] == 3 for r in rows)
     assert_same_model(killed / "model.pt", reference / "model.pt")
+    for log in reference.glob("layers_by_round.json"):  # lmc: the decisions and their evidence
+        assert (killed / log.name).read_text() == log.read_text()
     states = sorted((killed / "clients").glob("partition-*/*.pt"))
     assert states
     saved = torch.load(states[-1], weights_only=True)
