@@ -12,6 +12,7 @@ its context when it restarts.
 
 from __future__ import annotations
 
+import functools
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -125,13 +126,18 @@ class ClientJob:
             personal,
         )
 
+    @functools.cached_property
+    def holdout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lmc`` mixing: the fixed (training, held-out) indices of the training split, drawn once."""
+        return lmc.split(self)
+
     def task(self) -> LocalTask:
         blocks, groups = model_blocks(self.model), model_groups(self.model)
         params = {name for name, _ in self.model.named_parameters()}
         head = {key for block in groups["head"] for key in blocks[block]} & params
         x, y = self.train_data.x, self.train_data.y
         if lmc.mixing(self.cfg):  # the held-out slice the mixing weights learn on is never trained on
-            train, _ = lmc.split(self)
+            train, _ = self.holdout
             x, y = x[train], y[train]
         return LocalTask(
             self.model,
@@ -200,7 +206,8 @@ def _train(msg: Message, context: Context) -> Message:
     job = ClientJob.from_message(msg, context)
     task = job.task()
     reference = msg.content.array_records.get(REFERENCE)
-    weights = lmc.mix(job, task, reference) if lmc.mixing(job.cfg) else {}
+    mixing = lmc.mixing(job.cfg)
+    weights = lmc.mix(job, task, reference) if mixing else {}
     evaluating = job.cfg.federation.evaluates(job.server_round)  # federation.evaluate_every
     before = job.personalized_eval(task) if evaluating and job.cfg.train.evaluate_before else None
     train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
@@ -222,7 +229,7 @@ def _train(msg: Message, context: Context) -> Message:
     if before is not None:
         metrics["personalized_loss_before"], metrics["personalized_acc_before"] = before
     if config.get(LMC_MEASURE):
-        evidence = weights if lmc.mixing(job.cfg) else lmc.cost_metrics(job, reference)
+        evidence = weights if mixing else lmc.cost_metrics(job, reference)
         for key, value in evidence.items():
             metrics[key] = value
     arrays = job.state(None if full else job.received)

@@ -164,7 +164,7 @@ def mix(job: ClientJob, task: LocalTask, reference: ArrayRecord | None) -> dict[
     blocks = _mixable(job, server)
     weights = current_weights(task, blocks)
     if blocks and job.own:
-        _, held_out = split(job)
+        _, held_out = job.holdout
         strategy = job.cfg.strategy
         x, y = job.train_data.x[held_out], job.train_data.y[held_out]
         weights |= learn_weights(
