@@ -70,6 +70,18 @@ def restrict_content(content: RecordDict, keys: Sequence[str]) -> RecordDict:
     )
 
 
+def without_metrics(content: RecordDict, prefix: str) -> RecordDict:
+    """A copy of a reply's content whose MetricRecords lack the metrics named ``<prefix>...``."""
+    return RecordDict(
+        {
+            name: MetricRecord({k: v for k, v in value.items() if not k.startswith(prefix)})
+            if isinstance(value, MetricRecord)
+            else value
+            for name, value in content.items()
+        }
+    )
+
+
 def merge_into(full: ArrayRecord, part: ArrayRecord) -> ArrayRecord:
     """``full`` with the keys of ``part`` replaced, each cast back to the dtype it had in ``full``.
 
@@ -287,7 +299,7 @@ class PartialStrategy(Strategy):
             self.downlink.observe(server_round, _uploads(replies))
         for reply in replies:
             if reply.has_content():
-                reply.content = restrict_content(reply.content, self.shared_keys)
+                reply.content = self._aggregated_part(reply.content)
         if not self.shared_keys:
             merged, metrics = self.global_arrays, self._aggregate_metrics_only(replies)
         else:
@@ -300,6 +312,13 @@ class PartialStrategy(Strategy):
         for observer in self.observers:
             observer.on_aggregated(server_round, self.global_arrays, merged)
         return merged, metrics
+
+    def _aggregated_part(self, content: RecordDict) -> RecordDict:
+        """What the base aggregator sees of a reply: the shared keys, and no sharing evidence (the policy
+        has read it; a client with nothing to weigh yet, in its first round under sampling, reports none,
+        and Flower refuses to aggregate replies whose metric keys differ)."""
+        shared = restrict_content(content, self.shared_keys)
+        return shared if self.sharing is None else without_metrics(shared, self.sharing.evidence_prefix)
 
     def _decide(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """In a decision round: the next shared set from the clients' costs, and the sample-weighted

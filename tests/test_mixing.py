@@ -334,6 +334,21 @@ def test_the_mechanism_decides_from_the_clients_mix_metrics_and_collects_every_b
     np.testing.assert_allclose(messages[0].content[REFERENCE]["fc2.weight"].numpy(), 2.0)  # (1·30 + 5·10)/40
 
 
+def test_a_client_with_no_weights_yet_does_not_stop_the_aggregation() -> None:
+    """Under sampling a decision round can reach a client in its first round: it reports no weights, so the
+    replies' metric keys differ (Flower refuses to aggregate those); the decision uses the others alone."""
+    p = policy(mixing=MixingRule(0.5, 0.1))
+    strategy = PartialStrategy(FedAvg(min_available_nodes=2), [], sharing=p)
+    zeros = ArrayRecord({key: torch.zeros(2) for keys in BLOCKS.values() for key in keys})
+    list(strategy.configure_train(1, zeros, ConfigRecord(), Grid()))  # type: ignore[arg-type]
+    low = HIGH | {"fc2": 0.1}
+    merged, metrics = strategy.aggregate_train(1, [train_reply(0, 1.0, 30, low), train_reply(1, 5.0, 10, {})])
+    assert merged is not None and p.weights[1]["fc2"] == pytest.approx(0.1)  # client 0's alone
+    assert "fc2" not in p.shared_blocks()
+    np.testing.assert_allclose(merged["conv1.weight"].numpy(), 2.0)  # both clients averaged: (30 + 50) / 40
+    assert metrics is not None and not any(key.startswith(MIX_PREFIX) for key in metrics)
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
