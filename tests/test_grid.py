@@ -209,3 +209,44 @@ def test_the_shipped_grid_has_the_issues_settings() -> None:
     names = {spec.split("{")[0] for spec in grid.strategies}
     assert names == set(ALGORITHMS) - {"partial"}  # every algorithm fedlayer has (partial needs a block list)
     assert grid.experiment["model"] == {"name": "pfllib_cnn", "norm": "batch"}  # FedBN's norms for all
+
+
+def fake_run(path: Path, name: str, shared: list[str], by_round: list[list[str]] | None = None) -> Path:
+    """The files of a finished run the sharing map reads: the strategy, its shared blocks, their history."""
+    path.mkdir(parents=True)
+    (path / "config.resolved.toml").write_text(f"[strategy]\nname = '{name}'\n")
+    (path / "layers.json").write_text(json.dumps({"shared_blocks": shared}))
+    if by_round is not None:
+        rounds = {str(r): {"shared": blocks} for r, blocks in enumerate(by_round, start=1)}
+        (path / "layers_by_round.json").write_text(json.dumps({"blocks": BLOCKS, "rounds": rounds}))
+    return path
+
+
+BLOCKS = ["conv1", "conv2", "fc1", "fc2"]
+
+
+def test_the_sharing_map_sets_each_rule_beside_the_best_fixed_split(tmp_path: Path) -> None:
+    from fedlayer.run.sharing_map import setting_sharing, sharing_figure, sharing_markdown
+
+    seed0 = fake_run(tmp_path / "m0", "lmc", BLOCKS, [BLOCKS, BLOCKS[:2], BLOCKS[:1]])
+    seed1 = fake_run(tmp_path / "m1", "lmc", BLOCKS, [BLOCKS, BLOCKS[:3], BLOCKS[:1]])
+    groups = {
+        "lmc": [seed0, seed1],
+        "fedavg": [fake_run(tmp_path / "a", "fedavg", BLOCKS)],
+        "fedper": [fake_run(tmp_path / "p", "fedper", BLOCKS[:3])],
+        "ditto": [fake_run(tmp_path / "d", "ditto", BLOCKS)],  # best, but not a fixed split
+        "local": [fake_run(tmp_path / "l", "local", [])],
+    }
+    means = {"lmc": 0.9, "fedavg": 0.7, "fedper": 0.91, "ditto": 0.95, "local": math.nan}
+    sharing = setting_sharing("dir", groups, means)
+    assert sharing is not None and len(sharing.dynamic) == 1
+    rule = sharing.dynamic[0]
+    assert rule.shared.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0.5, 0], [1, 0, 0]]  # share of the 2 seeds
+    assert rule.final == ["conv1"]
+    assert sharing.best_fixed is not None and sharing.best_fixed.label == "fedper"
+    assert sharing.best_fixed.blocks == ["conv1", "conv2", "fc1"]
+    text = sharing_markdown([sharing])
+    assert "| dir | lmc | 90.00 | conv1 | fedper | 91.00 | conv1, conv2, fc1 | -1.00 |" in text
+    figure = sharing_figure([sharing])
+    assert "round" in figure.axes[0].get_xlabel() and "fedper" in figure.axes[1].get_title()
+    assert setting_sharing("dir", {"fedavg": groups["fedavg"]}, means) is None  # no dynamic rule

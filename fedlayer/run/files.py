@@ -47,3 +47,4 @@ GRID_EXPERIMENT = "experiment.toml"  # the grid file's base experiment, without 
 GRID_SETTINGS = "settings"  # folder of the settings' compare directories
 MATRIX_CSV, MATRIX = "matrix.csv", "matrix.md"
 MATRIX_PLOT = "matrix.png"
+SHARING_PLOT = "sharing.png"  # dynamic sharing per setting beside the best fixed split

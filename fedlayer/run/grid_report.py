@@ -23,23 +23,41 @@ from fedlayer.run.files import (
     MATRIX_CSV,
     MATRIX_PLOT,
     REPORT,
+    SHARING_PLOT,
     SWEEP,
 )
 from fedlayer.run.readers import read_json
 from fedlayer.run.report import POOLED, discover, render, summary_table
+from fedlayer.run.sharing_map import SettingSharing, setting_sharing, sharing_figure, sharing_markdown
 
 METRIC = "final_personalized_acc_pooled"
 METRIC_TEXT = "final pooled personalized accuracy"
 
 
-def setting_tables(out: Path) -> dict[str, pd.DataFrame]:
-    """Each setting's comparison table (finished runs only), by setting name, in the grid's order."""
-    tables = {}
-    for entry in read_json(out / GRID)["settings"]:
-        groups = discover(out / entry["path"])
-        if groups:
-            tables[entry["name"]] = summary_table(groups)
-    return tables
+def setting_groups(out: Path) -> dict[str, dict[str, list[Path]]]:
+    """Each started setting's finished runs by strategy label, by setting name, in the grid's order."""
+    started = (e for e in read_json(out / GRID)["settings"] if (out / e["path"] / SWEEP).exists())
+    settings = ((entry["name"], discover(out / entry["path"])) for entry in started)
+    return {name: groups for name, groups in settings if groups}
+
+
+def setting_tables(groups: Mapping[str, Mapping[str, list[Path]]]) -> dict[str, pd.DataFrame]:
+    """Each setting's comparison table (finished runs only), by setting name."""
+    return {name: summary_table(dict(runs)) for name, runs in groups.items()}
+
+
+def setting_sharings(
+    groups: Mapping[str, Mapping[str, list[Path]]], matrix: pd.DataFrame
+) -> list[SettingSharing]:
+    """The dynamic strategies' shared blocks per setting beside its best fixed split (settings without a
+    dynamic strategy left out)."""
+    found = []
+    for name, runs in groups.items():
+        part = matrix[matrix["setting"] == name]
+        sharing = setting_sharing(name, runs, dict(zip(part["strategy"], part["mean"], strict=True)))
+        if sharing is not None:
+            found.append(sharing)
+    return found
 
 
 def grid_matrix(tables: Mapping[str, pd.DataFrame], metric: str = METRIC) -> pd.DataFrame:
@@ -106,7 +124,8 @@ def matrix_figure(matrix: pd.DataFrame, seeds: int) -> Figure:
 
     means, stds, ranks, regrets = (_pivot(matrix, c) for c in ("mean", "std", "rank", "regret"))
     rows, cols = means.shape
-    fig = Figure(figsize=(2.0 + 1.45 * cols, 1.6 + 0.55 * rows), layout="constrained")
+    label = max(len(str(s)) for s in means.index)  # room for the longest strategy label
+    fig = Figure(figsize=(2.0 + 0.065 * label + 1.45 * max(cols, 2), 1.6 + 0.55 * rows), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(100 * regrets.to_numpy(dtype=float), cmap="viridis_r", aspect="auto", vmin=0)
     for i, strategy in enumerate(means.index):
@@ -160,12 +179,18 @@ def write_grid_report(out: Path) -> list[Path]:
     from fedlayer.run.report import markdown
 
     manifest = read_json(out / GRID)
-    matrix = grid_matrix(setting_tables(out))
+    groups = setting_groups(out)
+    matrix = grid_matrix(setting_tables(groups))
     if matrix.empty:
         raise ConfigError(f"report: grid directory {str(out)!r} has no finished run yet")
     matrix.to_csv(out / MATRIX_CSV, index=False, float_format="%.6g")
     (out / MATRIX).write_text(matrix_markdown(matrix))
     matrix_figure(matrix, len(manifest["seeds"])).savefig(out / MATRIX_PLOT, dpi=130)
+    written = [out / MATRIX_CSV, out / MATRIX, out / MATRIX_PLOT, out / REPORT]
+    sharings = setting_sharings(groups, matrix)
+    if sharings:
+        sharing_figure(sharings).savefig(out / SHARING_PLOT, dpi=130)
+        written.append(out / SHARING_PLOT)
     about = {s["name"]: s["about"] for s in manifest["settings"]}
     best = best_per_setting(matrix, about)
     settings = [
@@ -189,6 +214,7 @@ def write_grid_report(out: Path) -> list[Path]:
         "![method x setting](matrix.png)",
         "",
         matrix_markdown(matrix),
+        *_sharing_section(sharings),
         "## Settings",
         "",
         *settings,
@@ -198,7 +224,23 @@ def write_grid_report(out: Path) -> list[Path]:
         "",
     ]
     (out / REPORT).write_text("\n".join(lines))
-    return [out / MATRIX_CSV, out / MATRIX, out / MATRIX_PLOT, out / REPORT]
+    return written
+
+
+def _sharing_section(sharings: list[SettingSharing]) -> list[str]:
+    if not sharings:
+        return []
+    return [
+        "## What the dynamic rules shared",
+        "",
+        "Per setting, the blocks each dynamic strategy shared per round (share of seeds) beside the "
+        "setting's best fixed split (the best of the strategies that share one set of blocks and nothing "
+        "else).",
+        "",
+        f"![shared blocks per setting]({SHARING_PLOT})",
+        "",
+        sharing_markdown(sharings),
+    ]
 
 
 def render_grid(path: Path) -> list[Path]:
