@@ -287,8 +287,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedlayer.run.files import GRID
     from fedlayer.run.grid_report import render_grid
     from fedlayer.run.report import render
+    from strategies.algorithms import is_fixed_split
 
     path = Path(args.dir)
-    made = render_grid(path) if (path / GRID).exists() else render(path)
+    made = render_grid(path, is_fixed_split) if (path / GRID).exists() else render(path)
     print(f"written under {path}: {len(made)} files ({', '.join(sorted({p.name for p in made}))})")
     return 0

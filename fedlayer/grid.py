@@ -166,6 +166,7 @@ def run_grid(
     import tomli_w
 
     from fedlayer.run.grid_report import write_grid_report
+    from strategies.algorithms import is_fixed_split
 
     grid = Grid.read(path).only(settings)
     variants = [Variant.parse(spec) for spec in (strategies or grid.strategies)]
@@ -202,7 +203,7 @@ def run_grid(
         write_manifest(str(config), variants, seeds, cell, folder)
         sweep(str(config), variants, seeds, cell, folder)
         write_report(folder)
-    write_grid_report(out)
+    write_grid_report(out, is_fixed_split)
     return grid
 
 

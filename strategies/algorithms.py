@@ -44,6 +44,12 @@ class Algorithm:
     extension: str | None = None  # modules added to the model (fedlayer.models.EXTENSIONS)
     per_client: bool = False  # the server sends each client its own customized model (strategies/fedcac.py)
 
+    @property
+    def fixed_split(self) -> bool:
+        """A set of shared blocks and nothing else: no client state, extension, per-client model or shared
+        set that changes (FedAvg, FedProx, FedPer, LG-FedAvg, FedBN, FedRep, FedBABU, local, partial)."""
+        return not (self.dynamic or self.state or self.extension or self.per_client)
+
     def selector(self, strategy: StrategyConfig) -> Selector:
         from fedlayer.layers import Selector
 
@@ -162,6 +168,11 @@ ALGORITHMS: dict[str, Algorithm] = {
         ),
     )
 }
+
+
+def is_fixed_split(name: str) -> bool:
+    """Whether the algorithm ``name`` is a fixed split (:attr:`Algorithm.fixed_split`); reports use it."""
+    return name in ALGORITHMS and ALGORITHMS[name].fixed_split
 
 
 def get_algorithm(strategy: StrategyConfig) -> Algorithm:

@@ -227,6 +227,11 @@ BLOCKS = ["conv1", "conv2", "fc1", "fc2"]
 
 def test_the_sharing_map_sets_each_rule_beside_the_best_fixed_split(tmp_path: Path) -> None:
     from fedlayer.run.sharing_map import setting_sharing, sharing_figure, sharing_markdown
+    from strategies.algorithms import ALGORITHMS, is_fixed_split
+
+    assert [n for n in ALGORITHMS if is_fixed_split(n)] == [
+        *("fedavg", "fedprox", "fedper", "lgfedavg", "fedbn", "fedrep", "fedbabu", "local", "partial")
+    ]
 
     seed0 = fake_run(tmp_path / "m0", "lmc", BLOCKS, [BLOCKS, BLOCKS[:2], BLOCKS[:1]])
     seed1 = fake_run(tmp_path / "m1", "lmc", BLOCKS, [BLOCKS, BLOCKS[:3], BLOCKS[:1]])
@@ -238,7 +243,7 @@ def test_the_sharing_map_sets_each_rule_beside_the_best_fixed_split(tmp_path: Pa
         "local": [fake_run(tmp_path / "l", "local", [])],
     }
     means = {"lmc": 0.9, "fedavg": 0.7, "fedper": 0.91, "ditto": 0.95, "local": math.nan}
-    sharing = setting_sharing("dir", groups, means)
+    sharing = setting_sharing("dir", groups, means, is_fixed_split)
     assert sharing is not None and len(sharing.dynamic) == 1
     rule = sharing.dynamic[0]
     assert rule.shared.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0.5, 0], [1, 0, 0]]  # share of the 2 seeds
@@ -249,4 +254,4 @@ def test_the_sharing_map_sets_each_rule_beside_the_best_fixed_split(tmp_path: Pa
     assert "| dir | lmc | 90.00 | conv1 | fedper | 91.00 | conv1, conv2, fc1 | -1.00 |" in text
     figure = sharing_figure([sharing])
     assert "round" in figure.axes[0].get_xlabel() and "fedper" in figure.axes[1].get_title()
-    assert setting_sharing("dir", {"fedavg": groups["fedavg"]}, means) is None  # no dynamic rule
+    assert setting_sharing("dir", {"fedavg": groups["fedavg"]}, means, is_fixed_split) is None

@@ -8,7 +8,7 @@ minus its own, in accuracy points (0 for the winner).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +47,15 @@ def setting_tables(groups: Mapping[str, Mapping[str, list[Path]]]) -> dict[str, 
 
 
 def setting_sharings(
-    groups: Mapping[str, Mapping[str, list[Path]]], matrix: pd.DataFrame
+    groups: Mapping[str, Mapping[str, list[Path]]], matrix: pd.DataFrame, fixed_split: Callable[[str], bool]
 ) -> list[SettingSharing]:
     """The dynamic strategies' shared blocks per setting beside its best fixed split (settings without a
     dynamic strategy left out)."""
     found = []
     for name, runs in groups.items():
         part = matrix[matrix["setting"] == name]
-        sharing = setting_sharing(name, runs, dict(zip(part["strategy"], part["mean"], strict=True)))
+        means = dict(zip(part["strategy"], part["mean"], strict=True))
+        sharing = setting_sharing(name, runs, means, fixed_split)
         if sharing is not None:
             found.append(sharing)
     return found
@@ -174,8 +175,10 @@ def best_per_setting(matrix: pd.DataFrame, about: Mapping[str, str]) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def write_grid_report(out: Path) -> list[Path]:
-    """matrix.csv / matrix.md / matrix.png and report.md of a grid directory, from its settings' runs."""
+def write_grid_report(out: Path, fixed_split: Callable[[str], bool]) -> list[Path]:
+    """matrix.csv / matrix.md / matrix.png, report.md and (with a dynamic strategy) sharing.png of a grid
+    directory, from its settings' runs; ``fixed_split`` tells which strategy names share a fixed set of
+    blocks and nothing else (the registry's ``strategies.algorithms.is_fixed_split``)."""
     from fedlayer.run.report import markdown
 
     manifest = read_json(out / GRID)
@@ -187,7 +190,7 @@ def write_grid_report(out: Path) -> list[Path]:
     (out / MATRIX).write_text(matrix_markdown(matrix))
     matrix_figure(matrix, len(manifest["seeds"])).savefig(out / MATRIX_PLOT, dpi=130)
     written = [out / MATRIX_CSV, out / MATRIX, out / MATRIX_PLOT, out / REPORT]
-    sharings = setting_sharings(groups, matrix)
+    sharings = setting_sharings(groups, matrix, fixed_split)
     if sharings:
         sharing_figure(sharings).savefig(out / SHARING_PLOT, dpi=130)
         written.append(out / SHARING_PLOT)
@@ -243,8 +246,8 @@ def _sharing_section(sharings: list[SettingSharing]) -> list[str]:
     ]
 
 
-def render_grid(path: Path) -> list[Path]:
+def render_grid(path: Path, fixed_split: Callable[[str], bool]) -> list[Path]:
     """``fedlayer report GRID_DIR``: every setting's compare directory, then the matrix and the report."""
     settings = [path / entry["path"] for entry in read_json(path / GRID)["settings"]]
     made = [file for folder in settings if (folder / SWEEP).exists() for file in render(folder)]
-    return made + write_grid_report(path)
+    return made + write_grid_report(path, fixed_split)

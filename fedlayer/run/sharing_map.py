@@ -2,16 +2,17 @@
 
 A *dynamic* strategy (``lmc``, either criterion) logs its shared blocks per round (``layers_by_round.json``);
 a *fixed split* shares one set of blocks for the whole run and nothing else — no client state, extension or
-per-client model (FedAvg, FedProx, FedPer, LG-FedAvg, FedBN, FedRep, FedBABU, local, partial; see
-:func:`is_fixed_split`). Per setting, ``sharing.png`` shows for each dynamic strategy the share of its seeds
-in which each block was shared in each round, and next to it the blocks of the setting's best fixed split
-(highest mean of the compared metric); ``sharing_markdown`` is the same as a table.
+per-client model (FedAvg, FedProx, FedPer, LG-FedAvg, FedBN, FedRep, FedBABU, local, partial). Which
+algorithms are is the registry's knowledge, so the caller passes it (``fixed_split``: strategy name -> bool,
+``strategies.algorithms.is_fixed_split``). Per setting, ``sharing.png`` shows for each dynamic strategy the
+share of its seeds in which each block was shared in each round, and next to it the blocks of the setting's
+best fixed split (highest mean of the compared metric); ``sharing_markdown`` is the same as a table.
 """
 
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,6 @@ from matplotlib.figure import Figure
 
 from fedlayer.run.files import CONFIG_RESOLVED, LAYERS, LAYERS_BY_ROUND
 from fedlayer.run.readers import read_json
-from strategies.algorithms import ALGORITHMS, Algorithm
-
-
-def is_fixed_split(algorithm: Algorithm) -> bool:
-    """Whether a strategy is a set of shared blocks and nothing else (its personalization is the split)."""
-    return not (algorithm.dynamic or algorithm.state or algorithm.extension or algorithm.per_client)
 
 
 @dataclass(frozen=True)
@@ -72,23 +67,25 @@ def shared_share(histories: Sequence[Mapping[str, object]]) -> tuple[list[str], 
     return blocks, shared / np.maximum(seen, 1)
 
 
-def _algorithm(run: Path) -> Algorithm:
+def _strategy_name(run: Path) -> str:
     with open(run / CONFIG_RESOLVED, "rb") as fh:
-        return ALGORITHMS[tomllib.load(fh)["strategy"]["name"]]
+        return str(tomllib.load(fh)["strategy"]["name"])
 
 
 def setting_sharing(
-    setting: str, groups: Mapping[str, list[Path]], means: Mapping[str, float]
+    setting: str,
+    groups: Mapping[str, list[Path]],
+    means: Mapping[str, float],
+    fixed_split: Callable[[str], bool],
 ) -> SettingSharing | None:
-    """The dynamic strategies of one setting (finished runs ``groups`` by label, their mean ``means``) and
-    its best fixed split; ``None`` without a dynamic strategy."""
+    """The dynamic strategies of one setting (finished runs ``groups`` by label, their mean ``means``; a
+    dynamic run logs ``layers_by_round.json``) and its best fixed split; ``None`` without a dynamic one."""
     dynamic, fixed = [], []
     for label, runs in groups.items():
-        algorithm = _algorithm(runs[0])
-        if algorithm.dynamic:
+        if (runs[0] / LAYERS_BY_ROUND).exists():
             blocks, shared = shared_share([read_json(run / LAYERS_BY_ROUND) for run in runs])
             dynamic.append(DynamicSharing(label, means[label], blocks, shared))
-        elif is_fixed_split(algorithm) and not np.isnan(means[label]):
+        elif fixed_split(_strategy_name(runs[0])) and not np.isnan(means[label]):
             fixed.append(FixedSplit(label, means[label], list(read_json(runs[0] / LAYERS)["shared_blocks"])))
     if not dynamic:
         return None
