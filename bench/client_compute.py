@@ -19,13 +19,10 @@ The cell is a grid setting (``--grid`` + ``--setting``) or an experiment file (`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import tempfile
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,9 @@ import tomli_w
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from profile_round import Stopwatch  # bench/: the same CPU + wall timer
 
 from fedlayer.client import app as client_app
 from fedlayer.compare import Variant, split_specs
@@ -64,16 +63,16 @@ class InProcessGrid(Grid):
             for pid in range(clients)
         }
         self.replies: dict[str, Message] = {}
-        self.cpu: dict[tuple[int, str], float] = defaultdict(float)
-        self.wall: dict[tuple[int, str], float] = defaultdict(float)
+        self.watch = Stopwatch()  # "<round> <message type>" -> CPU / wall seconds summed over clients
         self.count = 0
+        self._run = Run.create_empty(1)  # one run, id 1, as the contexts say
 
-    def set_run(self, run: Any) -> None:  # nothing to set: one run
-        pass
+    def set_run(self, run: Run) -> None:
+        self._run = run
 
     @property
-    def run(self) -> Any:
-        raise NotImplementedError("no Flower run behind this grid")
+    def run(self) -> Run:
+        return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:  # fmt: skip
@@ -95,15 +94,8 @@ class InProcessGrid(Grid):
         kind = msg.metadata.message_type
         config = msg.content.config_records.get(CONFIG)
         server_round = int(config.get(SERVER_ROUND, 0)) if config is not None else 0  # type: ignore[arg-type]
-        with self._timed(server_round, kind):
+        with self.watch(f"{server_round} {kind}"):
             return HANDLERS[kind](msg, self.contexts[msg.metadata.dst_node_id])
-
-    @contextlib.contextmanager
-    def _timed(self, server_round: int, kind: str) -> Iterator[None]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        yield
-        self.cpu[server_round, kind] += time.process_time() - cpu
-        self.wall[server_round, kind] += time.perf_counter() - wall
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.replies.pop(i) for i in message_ids if i in self.replies]
@@ -134,9 +126,9 @@ def measure(cfg: Config) -> dict[str, Any]:
     rows = run.read_jsonl()
     rounds = range(1, cfg.federation.rounds + 1)
     return {
-        "train_cpu": [grid.cpu[r, "train"] for r in rounds],
-        "evaluate_cpu": [grid.cpu[r, "evaluate"] for r in rounds],
-        "train_wall": [grid.wall[r, "train"] for r in rounds],
+        "train_cpu": [grid.watch.cpu[f"{r} train"] for r in rounds],
+        "evaluate_cpu": [grid.watch.cpu[f"{r} evaluate"] for r in rounds],
+        "train_wall": [grid.watch.seconds[f"{r} train"] for r in rounds],
         "bytes_up": [row["bytes_up"] for row in rows],
         "bytes_down": [row["bytes_down"] for row in rows],
         "shared_blocks": rows[-1].get("shared_blocks"),
