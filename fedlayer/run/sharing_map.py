@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fedlayer.run.files import CONFIG_RESOLVED, LAYERS, LAYERS_BY_ROUND
@@ -157,10 +158,7 @@ def sharing_figure(settings: Sequence[SettingSharing]) -> Figure:
     return fig
 
 
-def _fixed_column(ax: object, s: SettingSharing) -> None:
-    from matplotlib.axes import Axes
-
-    assert isinstance(ax, Axes)
+def _fixed_column(ax: Axes, s: SettingSharing) -> None:
     blocks = s.dynamic[0].blocks
     fixed = s.best_fixed
     if fixed is None:
