@@ -409,6 +409,12 @@ class StrategyConfig:
     lmc_mix_lr: float = setting(
         1.0, "lmc (mixing): learning rate of the weights (weight per nat of held-out loss)", POSITIVE
     )
+    lmc_mix_train: bool = setting(
+        True,
+        "lmc (mixing): clients train and evaluate from their blocks mixed by the learned weights "
+        "(FedALA-style); false: the weights are evidence only (shared blocks start from the server's value, "
+        "personal ones from the client's own copy)",
+    )
     lmc_weight_threshold: float = setting(
         0.5,
         "lmc (mixing): a block is shared while its clients' mean weight (sample-weighted) is at least this",

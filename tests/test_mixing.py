@@ -113,11 +113,12 @@ def test_the_held_out_slice_is_a_fixed_fraction_with_a_minimum_and_at_most_half(
     assert torch.equal(a, holdout_split(100, strategy, torch.Generator().manual_seed(3))[1])
 
 
-def client_job(tmp_path: Path, own: bool) -> ClientJob:
+def client_job(tmp_path: Path, own: bool, *overrides: str) -> ClientJob:
     """A ClientApp job of ``lmc`` mixing on 100 random images: a CNN whose blocks all came from the server
     (another initialization); its own copy (``own``) is the first initialization."""
     cfg = load_config(
-        None, ["strategy.name='lmc'", "strategy.lmc_criterion='mixing'", "strategy.lmc_mix_steps=2"]
+        None,
+        ["strategy.name='lmc'", "strategy.lmc_criterion='mixing'", "strategy.lmc_mix_steps=2", *overrides],
     )
     torch.manual_seed(0)
     model = build_model("cnn", 10, 1, 28)
@@ -155,6 +156,20 @@ def test_the_client_trains_without_its_held_out_slice_and_starts_from_the_mixed_
     first_task = first.task()
     assert lmc.mix(first, first_task, None) == {}  # no own copy yet: nothing learned, nothing reported
     assert all(torch.equal(v, first.incoming[k]) for k, v in first.model.state_dict().items())
+
+
+def test_evidence_only_weights_are_learned_and_reported_but_training_starts_from_the_server(
+    tmp_path: Path,
+) -> None:
+    mixed = client_job(tmp_path / "mixed", True)
+    reported = lmc.mix(mixed, mixed.task(), None)
+    job = client_job(tmp_path / "evidence", True, "strategy.lmc_mix_train=false")
+    task = job.task()
+    assert lmc.mix(job, task, None) == pytest.approx(reported)  # the same evidence
+    assert any(w < 1.0 for w in reported.values())
+    assert all(torch.equal(v, job.incoming[k]) for k, v in job.model.state_dict().items())
+    lmc.apply_weights(job, task)  # evaluation: the server's blocks, unmixed
+    assert all(torch.equal(v, job.incoming[k]) for k, v in job.model.state_dict().items())
 
 
 # --------------------------------------------------------------------------- toy federations

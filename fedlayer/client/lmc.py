@@ -22,6 +22,13 @@ a fixed seeded subset of the training split (same samples every round, never tra
 ``lmc_holdout``, at least ``lmc_holdout_min`` samples, at most half. w starts at 1 (the server's value), is
 kept across rounds as the client state ``mix`` and is not learned in a client's first round (no own copy
 yet) nor for a block without a server value in the round (a personal block outside decision rounds).
+
+``lmc_mix_train = false`` keeps the weights as evidence only: the client learns and reports them the same
+way but trains from the server's value of every shared block and its own copy of every personal one (and
+evaluates that model). Mixing the training start makes a shared block partly personal, so the clients'
+copies drift apart, the server's average of them gets worse for each, and the weights fall further: the
+evidence feeds on itself. Without it the weights compare the server's average with the client's own copy
+under FedAvg's (or the current split's) dynamics.
 """
 
 from __future__ import annotations
@@ -179,16 +186,18 @@ def mix(job: ClientJob, task: LocalTask, reference: ArrayRecord | None) -> dict[
             lr=strategy.lmc_mix_lr,
             device=job.device,
         )
-        load_state(task.model, mixed_state(job.own, server, blocks, {b: weights[b] for b in blocks}))
+        if strategy.lmc_mix_train:
+            load_state(task.model, mixed_state(job.own, server, blocks, {b: weights[b] for b in blocks}))
     task.keep(MIX_STATE, {b: torch.tensor(w) for b, w in weights.items()})
     return {MIX_PREFIX + b: weights[b] for b in blocks} if job.own else {}
 
 
 def apply_weights(job: ClientJob, task: LocalTask) -> None:
     """The personalized model of an evaluate instruction: the received blocks mixed into the client's own
-    copy by the weights it learned last (nothing to mix before it has trained once)."""
+    copy by the weights it learned last (nothing to mix before it has trained once, nor when the weights
+    are evidence only: ``lmc_mix_train = false``)."""
     blocks = _mixable(job, job.incoming)
-    if blocks and job.own:
+    if blocks and job.own and job.cfg.strategy.lmc_mix_train:
         weights = current_weights(task, blocks)
         load_state(task.model, mixed_state(job.own, job.incoming, blocks, {b: weights[b] for b in blocks}))
 
