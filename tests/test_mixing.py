@@ -185,11 +185,14 @@ class Toy(nn.Module):
         return self.head(torch.relu(self.body(x)))
 
 
-def toy_federation(labels: list[list[int]], rounds: int = 6, n: int = 400) -> MixingPolicy:
+def toy_federation(
+    labels: list[list[int]], rounds: int = 6, n: int = 400, *, mix_train: bool = True
+) -> MixingPolicy:
     """Clients with Gaussian classes (``labels[c]``: client c's classes), run as the mechanism and the
     ClientApp do: each client starts from its own copy with the round's server values mixed in by the
-    weights it learns on its held-out slice, trains, reports its weights; the server averages the shared
-    blocks, decides every round and averages the personal ones as their reference."""
+    weights it learns on its held-out slice (``mix_train``; else from the server's shared blocks and its own
+    personal ones), trains, reports its weights; the server averages the shared blocks, decides every round
+    and averages the personal ones as their reference."""
     gen = torch.Generator().manual_seed(0)
     means = 3 * torch.randn(4, 8, generator=gen)
     data = []
@@ -224,7 +227,8 @@ def toy_federation(labels: list[list[int]], rounds: int = 6, n: int = 400) -> Mi
                         x[held], y[held], steps=5, lr=1.0, device=CPU,
                     )  # fmt: skip
                     weights[c] |= learned
-                    model.load_state_dict(mixed_state(owns[c], server, mixable, learned), strict=False)
+                    if mix_train:
+                        model.load_state_dict(mixed_state(owns[c], server, mixable, learned), strict=False)
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
                 for _ in range(30):
                     optimizer.zero_grad()
@@ -240,14 +244,16 @@ def toy_federation(labels: list[list[int]], rounds: int = 6, n: int = 400) -> Mi
     return p
 
 
-def test_identical_clients_keep_high_weights_and_share_everything() -> None:
-    p = toy_federation([[0, 1, 2, 3]] * 3)
+@pytest.mark.parametrize("mix_train", [True, False])
+def test_identical_clients_keep_high_weights_and_share_everything(mix_train: bool) -> None:
+    p = toy_federation([[0, 1, 2, 3]] * 3, mix_train=mix_train)
     assert all(shared == ["body", "head"] for shared in p.history.values())
     assert not p.weights[1] and min(w for weights in p.weights.values() for w in weights.values()) > 0.6
 
 
-def test_clients_with_disjoint_labels_turn_the_head_personal() -> None:
-    p = toy_federation([[0, 1], [2, 3]])
+@pytest.mark.parametrize("mix_train", [True, False])
+def test_clients_with_disjoint_labels_turn_the_head_personal(mix_train: bool) -> None:
+    p = toy_federation([[0, 1], [2, 3]], mix_train=mix_train)
     assert p.shared_blocks() in (["body"], [])
     assert p.weights[max(p.weights)]["head"] < 0.4
     assert "head" not in p.history[max(p.history)]
