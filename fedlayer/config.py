@@ -415,6 +415,13 @@ class StrategyConfig:
         "(FedALA-style); false: the weights are evidence only (shared blocks start from the server's value, "
         "personal ones from the client's own copy)",
     )
+    lmc_finetune: int = setting(
+        0,
+        "lmc (mixing): after the last round each client fine-tunes its personalized model (every block) for "
+        "this many epochs on its training part and keeps the result only if its held-out loss is lower; "
+        "0: no fine-tuning",
+        AT_LEAST_0,
+    )
     lmc_weight_threshold: float = setting(
         0.5,
         "lmc (mixing): a block is shared while its clients' mean weight (sample-weighted) is at least this",
@@ -589,6 +596,12 @@ def validate(cfg: Config) -> None:
     if s.name == "lmc" and s.lmc_criterion == "mixing" and s.lmc_source != "clients":
         raise _not_allowed(
             "strategy.lmc_source", s.lmc_source, "'clients' with strategy.lmc_criterion = 'mixing'"
+        )
+    if s.lmc_finetune and not (s.name == "lmc" and s.lmc_criterion == "mixing"):
+        raise _not_allowed(
+            "strategy.lmc_finetune",
+            s.lmc_finetune,
+            "0 unless strategy.name = 'lmc' with strategy.lmc_criterion = 'mixing' (it needs held-out data)",
         )
     if s.name == "lmc" and s.lmc_source == "server" and (a.every == 0 or s.lmc_every % a.every):
         raise _not_allowed(

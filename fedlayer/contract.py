@@ -43,6 +43,9 @@ MIX_PREFIX = (
 )
 TRAIN_METRICS = ("train_loss", "personalized_acc_before", "personalized_acc_after", "personalized_loss_after")
 EVALUATE_METRICS = ("personalized_acc", "personalized_loss")
+# evaluate reply after the last round, lmc_finetune > 0: whether the client kept its fine-tuned model (0/1)
+# and the held-out loss it gained by fine-tuning (nats; negative: fine-tuning hurt, the model stays as it was)
+FINETUNE_METRICS = ("finetune_kept", "finetune_holdout_gain")
 
 # Node config of a SuperNode (``--node-config``); simulation sets partition-id and num-partitions itself.
 NODE_PARTITION_ID = PARTITION_ID

@@ -3,6 +3,8 @@ decision rule with hysteresis, toy federations whose right answer is known, and 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -170,6 +172,41 @@ def test_evidence_only_weights_are_learned_and_reported_but_training_starts_from
     assert all(torch.equal(v, job.incoming[k]) for k, v in job.model.state_dict().items())
     lmc.apply_weights(job, task)  # evaluation: the server's blocks, unmixed
     assert all(torch.equal(v, job.incoming[k]) for k, v in job.model.state_dict().items())
+
+
+def test_the_final_fine_tune_is_kept_only_where_it_lowers_the_held_out_loss(tmp_path: Path) -> None:
+    """Labels that follow the inputs: fine-tuning helps and the client keeps the tuned model (what a second,
+    identical fine-tune gives); random labels: fine-tuning fits noise, the held-out loss rises, the model
+    stays as it was."""
+    learnable = client_job(tmp_path / "a", True, "strategy.lmc_finetune=3", "train.lr=0.05")
+    x = learnable.train_data.x
+    learnable = dataclasses.replace(learnable, train_data=TensorData(x, (x.mean((1, 2, 3)) > 0).long(), 10))
+    task = learnable.task()
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    result = lmc.finetune_if_better(learnable, task)
+    assert result["finetune_kept"] == 1.0 and result["finetune_holdout_gain"] > 0
+    assert any(not torch.equal(v, before[k]) for k, v in task.model.state_dict().items())
+    again = dataclasses.replace(learnable, model=copy.deepcopy(learnable.model))
+    again.model.load_state_dict(before)
+    assert lmc.finetune_if_better(again, again.task()) == result
+    assert_same_state(again.model.state_dict(), task.model.state_dict())
+
+    noise = client_job(tmp_path / "b", True, "strategy.lmc_finetune=3", "train.lr=0.05")
+    task = noise.task()
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    result = lmc.finetune_if_better(noise, task)
+    assert result["finetune_kept"] == 0.0 and result["finetune_holdout_gain"] <= 0
+    assert_same_state(task.model.state_dict(), before)
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["strategy.name='fedavg'", "strategy.name='lmc'"])
+def test_the_final_fine_tune_needs_the_mixing_criterions_held_out_slice(strategy: str) -> None:
+    with pytest.raises(ConfigError, match="^strategy.lmc_finetune: 3 is not allowed; 0 unless"):
+        load_config(None, [strategy, "strategy.lmc_finetune=3"])
 
 
 # --------------------------------------------------------------------------- toy federations
@@ -402,6 +439,7 @@ def simulated(data_root: Path, out: Path, ray_address: str) -> RunDir:
         "train.batch_size=16",
         "strategy.name='lmc'",
         "strategy.lmc_criterion='mixing'",
+        "strategy.lmc_finetune=1",
     ]
     run = RunDir.create(out)
     simulate(load_config(ROOT / "experiments" / "default.toml", overrides), run)
@@ -414,7 +452,7 @@ def test_mixing_runs_in_the_simulation_logs_its_weights_and_is_deterministic(
 ) -> None:
     """3 clients x 3 rounds, twice on one Ray cluster: the same weights, shared sets, metrics and model;
     round 1 reports no weight (no own copy yet: nothing decides), later rounds learned weights in [0, 1];
-    the clients keep their weights as client state."""
+    the clients keep their weights as client state; the last evaluation reports the final fine-tune."""
     with ray_cluster(nodes=1, cpus=os.cpu_count() or 1) as (address, _):
         a, b = (simulated(tiny_fmnist, tmp_path / name, address) for name in "ab")
     history = json.loads(a.file("layers_by_round.json").read_text())
@@ -431,3 +469,6 @@ def test_mixing_runs_in_the_simulation_logs_its_weights_and_is_deterministic(
     saved = torch.load(sorted(a.file("clients").glob("partition-0/round-*.pt"))[-1], weights_only=True)
     assert {k for k in saved if k.startswith("state.mix.")} == {f"state.mix.{b}" for b in history["blocks"]}
     assert a.file("shared_blocks.png").exists()
+    # the final fine-tune: only after the last round, each client keeping (1) or not (0) its tuned model
+    assert [("finetune_kept" in r) for r in rows] == [False, False, True]
+    assert 0.0 <= rows[-1]["finetune_kept"] <= 1.0 and "finetune_holdout_gain" in rows[-1]

@@ -262,15 +262,20 @@ def evaluate_personalized(msg: Message, context: Context) -> Message:
     """Personalized accuracy: global shared + own personal layers, on the local test split."""
     job = ClientJob.from_message(msg, context)
     task = job.task()
+    last_round = job.server_round == job.cfg.federation.rounds
+    finetuned: dict[str, float] = {}
     if lmc.mixing(job.cfg):
         lmc.apply_weights(job, task)
-    loss, acc = job.personalized_eval(task, last_round=job.server_round == job.cfg.federation.rounds)
+        if last_round and job.cfg.strategy.lmc_finetune:
+            finetuned = lmc.finetune_if_better(job, task)
+    loss, acc = job.personalized_eval(task, last_round=last_round)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: len(job.test_data),
             PARTITION_ID: job.partition_id,
             "personalized_acc": acc,
             "personalized_loss": loss,
+            **finetuned,
         }
     )
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

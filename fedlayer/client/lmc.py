@@ -18,10 +18,10 @@ cross-entropy on the held-out slice, evaluated in eval mode,
 ``lmc_mix_steps`` full-batch steps of rate ``lmc_mix_lr`` per round (η is in weight per nat: the gradient is
 the first-order change of the held-out loss from the own block to the server's). Float buffers are mixed by
 the same w (no gradient flows through them), integer buffers take the server's value. The held-out slice is
-a fixed seeded subset of the training split (same samples every round, never trained on): a fraction
-``lmc_holdout``, at least ``lmc_holdout_min`` samples, at most half. w starts at 1 (the server's value), is
-kept across rounds as the client state ``mix`` and is not learned in a client's first round (no own copy
-yet) nor for a block without a server value in the round (a personal block outside decision rounds).
+a fixed seeded subset of the training split (same samples every round, never trained nor fine-tuned on):
+a fraction ``lmc_holdout``, at least ``lmc_holdout_min`` samples, at most half. w starts at 1 (the server's
+value), is kept across rounds as the client state ``mix`` and is not learned in a client's first round (no
+own copy yet) nor for a block without a server value in the round (a personal block outside decision rounds).
 
 ``lmc_mix_train = false`` keeps the weights as evidence only: the client learns and reports them the same
 way but trains from the server's value of every shared block and its own copy of every personal one (and
@@ -29,10 +29,16 @@ evaluates that model). Mixing the training start makes a shared block partly per
 copies drift apart, the server's average of them gets worse for each, and the weights fall further: the
 evidence feeds on itself. Without it the weights compare the server's average with the client's own copy
 under FedAvg's (or the current split's) dynamics.
+
+``lmc_finetune = E`` > 0 adds a last, per-client test on the same slice: after the last round each client
+fine-tunes its personalized model (every block, E epochs on its training part, as FedBABU's final fine-tune)
+and keeps the fine-tuned copy only if its held-out loss is lower (:func:`finetune_if_better`), so a client
+whose shared blocks already serve it best (near-IID data) is not pushed into over-fitting them.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -45,10 +51,10 @@ from torch.func import functional_call
 
 from fedlayer.analysis.sharing import cost_sample, sharing_costs
 from fedlayer.config import Config, StrategyConfig
-from fedlayer.contract import COST_PREFIX, MIX_PREFIX
+from fedlayer.contract import COST_PREFIX, FINETUNE_METRICS, MIX_PREFIX
 from fedlayer.experiment import cost_generator, holdout_generator
 from fedlayer.models import model_blocks
-from fedlayer.training import load_state
+from fedlayer.training import evaluate, load_state, train_epochs
 
 if TYPE_CHECKING:
     from fedlayer.client.app import ClientJob
@@ -200,6 +206,29 @@ def apply_weights(job: ClientJob, task: LocalTask) -> None:
     if blocks and job.own and job.cfg.strategy.lmc_mix_train:
         weights = current_weights(task, blocks)
         load_state(task.model, mixed_state(job.own, job.incoming, blocks, {b: weights[b] for b in blocks}))
+
+
+def finetune_if_better(job: ClientJob, task: LocalTask) -> dict[str, float]:
+    """The last round's personalized model, fine-tuned (every block, ``lmc_finetune`` epochs on the training
+    part) and loaded into the task's model only if that lowers the client's held-out loss; the evaluate
+    reply's :data:`~fedlayer.contract.FINETUNE_METRICS` (kept: 0/1, held-out loss before − after)."""
+    tuned = copy.deepcopy(task.model)
+    train_epochs(
+        tuned,
+        task.x,
+        task.y,
+        task.train,
+        epochs=job.cfg.strategy.lmc_finetune,
+        device=task.device,
+        generator=task.generator,
+    )
+    _, held_out = job.holdout
+    x, y = job.train_data.x[held_out], job.train_data.y[held_out]
+    gain = evaluate(task.model, x, y, device=job.device)[0] - evaluate(tuned, x, y, device=job.device)[0]
+    if gain > 0:
+        task.model.load_state_dict(tuned.state_dict())
+    kept, gained = FINETUNE_METRICS
+    return {kept: float(gain > 0), gained: gain}
 
 
 def current_weights(task: LocalTask, blocks: Mapping[str, list[str]]) -> dict[str, float]:

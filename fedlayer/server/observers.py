@@ -22,6 +22,7 @@ from fedlayer.config import Config
 from fedlayer.contract import (
     ARRAYS,
     EVALUATE_METRICS,
+    FINETUNE_METRICS,
     GLOBAL,
     METRICS,
     NUM_EXAMPLES,
@@ -151,6 +152,8 @@ class RoundRecorder(RoundObserver):
         metrics = _reply_metrics(replies)
         for key in EVALUATE_METRICS:
             self.row |= client_stats(key, [m[key] for m in metrics])
+        for key in FINETUNE_METRICS:
+            self.row |= client_stats(key, [m[key] for m in metrics if key in m])
         self.pooled = pooled_evaluation(metrics)
         if self.pooled is not None:
             # Σ correct / Σ test samples, as PFLlib reports it (the mean above weighs clients equally)
