@@ -56,6 +56,7 @@ Finetune = Literal["head", "final"]
 LmcSource = Literal["clients", "server"]
 LmcStatistic = Literal["mean", "max", "quantile"]
 LmcCriterion = Literal["barrier", "mixing"]
+LmcNorm = Literal["follow", "decide"]
 Pairs = Literal["clients", "global", "both"]
 AnalysisData = Literal["global_test", "pair_train"]
 Order = Literal["shallow", "deep", "random", "minimal"]
@@ -387,6 +388,11 @@ class StrategyConfig:
         Range(0, 1, note="0 = use lmc_threshold"),
     )
     lmc_always: list[str] = setting([], "lmc: block patterns always shared")
+    lmc_norm: LmcNorm = setting(
+        "follow",
+        "lmc: norm blocks (BatchNorm, LayerNorm, ...) follow the block they normalize (follow) or are "
+        "decided by their own evidence like any other block (decide; FedBN's split becomes reachable)",
+    )
     lmc_reshare: bool = setting(
         False,
         "lmc (barrier): a block that turned personal may be shared again when its cost falls (false: blocks "

@@ -8,7 +8,8 @@ own data: c_l = L(θ_i with block l at ½(θ_i^l + ref^l)) − L(θ_i) (see
 mean, max or a quantile) and shares in the next rounds exactly the blocks whose cost is at most
 ``strategy.lmc_threshold`` (or the cheapest ``strategy.lmc_share_fraction`` of them). Blocks matched by
 ``strategy.exclude`` are never shared, those matched by ``strategy.lmc_always`` always; a norm block follows
-the block it normalizes (the nearest non-norm block before it in the model).
+the block it normalizes (the nearest non-norm block before it in the model), or with ``strategy.lmc_norm =
+"decide"`` is decided by its own evidence like any other block.
 
 By default a block that turned personal stays personal (``strategy.lmc_reshare = false``): only shared blocks
 are measured, against the round's global blocks, and decision rounds move no full models. The cost is a
@@ -307,7 +308,7 @@ def lmc_policy(strategy: StrategyConfig, model: nn.Module, layers: Resolution) -
     always = _blocks(strategy.lmc_always, model, "strategy.lmc_always")
     if both := sorted(never & always):
         raise ConfigError(f"strategy.lmc_always: {', '.join(both)} also excluded by strategy.exclude")
-    norm = set(model_groups(model)["norm"])
+    norm = set(model_groups(model)["norm"]) if strategy.lmc_norm == "follow" else set()
     if strategy.lmc_criterion == "mixing":
         mixing = MixingRule(strategy.lmc_weight_threshold, strategy.lmc_weight_margin)
         return MixingPolicy(

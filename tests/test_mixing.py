@@ -25,10 +25,12 @@ from fedlayer.client.store import PersonalStore
 from fedlayer.config import ConfigError, StrategyConfig, load_config
 from fedlayer.contract import MIX_PREFIX, REFERENCE
 from fedlayer.data import TensorData
+from fedlayer.layers import resolve
 from fedlayer.models import build_model, model_blocks
 from fedlayer.run.rundir import RunDir
 from fedlayer.simulation import simulate
-from strategies.lmc import MixingPolicy, MixingRule
+from strategies.algorithms import get_algorithm
+from strategies.lmc import MixingPolicy, MixingRule, lmc_policy
 from strategies.mechanism import PartialStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,6 +320,24 @@ def test_hysteresis_turns_a_block_personal_and_shared_again() -> None:
     p.decide(6, [HIGH | {"conv1": 0.1}], [1.0])
     assert p.shared_blocks() == ["conv2", "fc1", "fc2"]  # bn1 follows conv1
     assert p.weights[2] == {"conv1": 0.9, "conv2": 0.9, "fc1": 0.9, "fc2": 0.35}
+
+
+@pytest.mark.parametrize(
+    ("norm", "shared"),
+    [("follow", ["conv1", "bn1", "fc1", "fc2"]), ("decide", ["conv1", "bn2", "fc1", "fc2"])],
+)
+def test_norm_blocks_follow_their_owner_or_decide_by_their_own_weight(norm: str, shared: list[str]) -> None:
+    """pfllib_cnn with batch norms; conv2 and bn1 weigh low: following, bn1 is shared with conv1 and bn2
+    turns personal with conv2; deciding, each goes by its own weight (FedBN's split is reachable)."""
+    cfg = load_config(
+        None,
+        ["strategy.name='lmc'", "strategy.lmc_criterion='mixing'", f"strategy.lmc_norm='{norm}'"],
+    )
+    model = build_model("pfllib_cnn", 10, 1, 28, norm="batch")
+    p = lmc_policy(cfg.strategy, model, resolve(get_algorithm(cfg.strategy).selector(cfg.strategy), model))
+    assert isinstance(p, MixingPolicy) and p.shared_blocks() == list(model_blocks(model))
+    p.decide(1, [HIGH | {"bn1": 0.1, "conv2": 0.1, "bn2": 0.9}], [1.0])
+    assert p.shared_blocks() == shared
 
 
 def test_weights_are_averaged_by_samples_and_can_end_sharing_nothing_or_everything() -> None:
