@@ -391,7 +391,8 @@ class StrategyConfig:
     lmc_norm: LmcNorm = setting(
         "follow",
         "lmc: norm blocks (BatchNorm, LayerNorm, ...) follow the block they normalize (follow) or are "
-        "decided by their own evidence like any other block (decide; FedBN's split becomes reachable)",
+        "decided by their own evidence like any other block (decide; FedBN's split becomes reachable; with "
+        "mixing, their weights then also see the running statistics, by a finite difference)",
     )
     lmc_reshare: bool = setting(
         False,

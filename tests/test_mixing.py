@@ -87,6 +87,39 @@ def test_one_step_follows_the_hand_computed_gradient_of_the_held_out_loss() -> N
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class Norm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+def test_the_weight_of_a_norm_block_sees_its_running_statistics_only_when_asked() -> None:
+    """Logits = batch norm (eval mode) of the inputs; own and server differ in running means only. Without
+    ``statistics`` the weight gets no gradient; with it, the one-sided difference matches the hand
+    derivative dL/dw = Σ_j ⟨G_j, −Δμ_j / √(σ²_j + ε)⟩ (G = (p − onehot)/n) to the step's O(h)."""
+    gen = torch.Generator().manual_seed(1)
+    model = Norm()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    server = own | {"bn.running_mean": torch.tensor([1.5, -1.0])}
+    blocks = {"bn": list(own)}
+    x, y = torch.randn(8, 2, generator=gen), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    w0, lr = 0.5, 0.1
+    kw = {"steps": 1, "lr": lr, "device": CPU}
+    assert learn_weights(model, own, server, blocks, {"bn": w0}, x, y, **kw) == {"bn": w0}
+    learned = learn_weights(model, own, server, blocks, {"bn": w0}, x, y, statistics=True, **kw)
+    eps, delta = model.bn.eps, server["bn.running_mean"].double().numpy()
+    logits = (x.double().numpy() - w0 * delta) / np.sqrt(1.0 + eps)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g = (p - np.eye(2)[y.numpy()]) / len(y)
+    grad = np.sum(g * (-delta / np.sqrt(1.0 + eps)))
+    assert abs(grad) > 0.05
+    assert learned["bn"] == pytest.approx(w0 - lr * grad, abs=0.01 * abs(grad))
+
+
 def test_weights_are_clamped_to_the_unit_interval() -> None:
     """A server block that fits the held-out data and an own block that does not: a big step reaches 1 and
     stops there; the other way round, 0."""

@@ -17,9 +17,12 @@ cross-entropy on the held-out slice, evaluated in eval mode,
 
 ``lmc_mix_steps`` full-batch steps of rate ``lmc_mix_lr`` per round (η is in weight per nat: the gradient is
 the first-order change of the held-out loss from the own block to the server's). Float buffers are mixed by
-the same w (no gradient flows through them), integer buffers take the server's value. The held-out slice is
-a fixed seeded subset of the training split (same samples every round, never trained nor fine-tuned on):
-a fraction ``lmc_holdout``, at least ``lmc_holdout_min`` samples, at most half. w starts at 1 (the server's
+the same w, integer buffers take the server's value. Batch norm has no derivative for its running statistics,
+so by default the gradient sees a norm block's affine parameters only — nearly blind, since clients' γ and β
+barely differ while their statistics do (feature shift). With ``lmc_norm = "decide"`` a block with float
+buffers adds the statistics' part by a one-sided finite difference (one more forward pass per such block and
+step, weight step :data:`STAT_STEP`). The held-out slice is a fixed seeded subset of the training split
+(same samples every round, never trained nor fine-tuned on): a fraction ``lmc_holdout``, at least ``lmc_holdout_min`` samples, at most half. w starts at 1 (the server's
 value), is kept across rounds as the client state ``mix`` and is not learned in a client's first round (no
 own copy yet) nor for a block without a server value in the round (a personal block outside decision rounds).
 
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
 
 MIX_STATE = "mix"  # the client state of the weights: "mix.<block>" -> a 0-d tensor
 HOLDOUT_CHUNK = 1024  # held-out samples per forward pass (gradients are summed over chunks)
+STAT_STEP = 0.01  # weight step of the finite difference through running statistics (lmc_norm = "decide")
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -127,10 +131,12 @@ def learn_weights(
     steps: int,
     lr: float,
     device: torch.device,
+    statistics: bool = False,
 ) -> dict[str, float]:
     """The weights of ``weights``' blocks after ``steps`` projected SGD steps on the held-out loss of
     (x, y) (see the module docstring); ``model``'s other tensors stay at their current values and the model
-    itself is left unchanged."""
+    itself is left unchanged. ``statistics``: the derivative also sees the float buffers (running
+    statistics), by a one-sided finite difference of step :data:`STAT_STEP` per block that has them."""
     names = list(weights)
     if not names or steps == 0 or len(y) == 0:
         return dict(weights)
@@ -139,30 +145,42 @@ def learn_weights(
     keys = [(i, key) for i, block in enumerate(names) for key in blocks[block]]
     own = {k: own[k].to(device) for _, k in keys}
     delta = {k: server[k].to(device) - own[k] for _, k in keys if own[k].is_floating_point()}
+    buffered = sorted({i for i, k in keys if k in delta and k not in params}) if statistics else []
 
-    def state(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    def state(w: torch.Tensor, w_buffers: torch.Tensor) -> dict[str, torch.Tensor]:
         mixed = dict(current)
         for i, key in keys:
             if key not in delta:
                 mixed[key] = server[key].to(device)
-            else:  # no gradient through buffers (running statistics)
-                mixed[key] = own[key] + (w[i] if key in params else w[i].detach()) * delta[key]
+            else:  # buffers (running statistics) take no gradient: batch norm has no derivative for them
+                mixed[key] = own[key] + (w[i] if key in params else w_buffers[i]) * delta[key]
         return mixed
+
+    def loss(w: torch.Tensor, w_buffers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out loss and its gradient in ``w`` (the parameters' part)."""
+        grad, total = torch.zeros_like(w), torch.zeros((), device=device)
+        w = w.detach().requires_grad_(w.requires_grad)
+        for start in range(0, len(y), HOLDOUT_CHUNK):
+            xb, yb = x[start : start + HOLDOUT_CHUNK].to(device), y[start : start + HOLDOUT_CHUNK].to(device)
+            chunk = F.cross_entropy(functional_call(model, state(w, w_buffers), (xb,)), yb, reduction="sum")
+            chunk = chunk / len(y)
+            if w.requires_grad:
+                grad += torch.autograd.grad(chunk, w)[0]
+            total += chunk.detach()
+        return total, grad
 
     w = torch.tensor([weights[b] for b in names], dtype=torch.float32, device=device)
     training = model.training
     model.eval()
     try:
         for _ in range(steps):
-            w.requires_grad_(True)
-            grad = torch.zeros_like(w)
-            for start in range(0, len(y), HOLDOUT_CHUNK):
-                xb, yb = (
-                    x[start : start + HOLDOUT_CHUNK].to(device),
-                    y[start : start + HOLDOUT_CHUNK].to(device),
-                )
-                loss = F.cross_entropy(functional_call(model, state(w), (xb,)), yb, reduction="sum") / len(y)
-                grad += torch.autograd.grad(loss, w)[0]
+            at, grad = loss(w.requires_grad_(True), w.detach())
+            with torch.no_grad():
+                for i in buffered:  # toward the interior, so the step stays in [0, 1]
+                    h = -STAT_STEP if w[i] >= STAT_STEP else STAT_STEP
+                    moved = w.clone()
+                    moved[i] += h
+                    grad[i] += (loss(w.detach(), moved)[0] - at) / h
             w = torch.clamp(w.detach() - lr * grad, 0.0, 1.0)
     finally:
         model.train(training)
@@ -191,6 +209,7 @@ def mix(job: ClientJob, task: LocalTask, reference: ArrayRecord | None) -> dict[
             steps=strategy.lmc_mix_steps,
             lr=strategy.lmc_mix_lr,
             device=job.device,
+            statistics=strategy.lmc_norm == "decide",
         )
         if strategy.lmc_mix_train:
             load_state(task.model, mixed_state(job.own, server, blocks, {b: weights[b] for b in blocks}))
