@@ -22,9 +22,10 @@ so by default the gradient sees a norm block's affine parameters only — nearly
 barely differ while their statistics do (feature shift). With ``lmc_norm = "decide"`` a block with float
 buffers adds the statistics' part by a one-sided finite difference (one more forward pass per such block and
 step, weight step :data:`STAT_STEP`). The held-out slice is a fixed seeded subset of the training split
-(same samples every round, never trained nor fine-tuned on): a fraction ``lmc_holdout``, at least ``lmc_holdout_min`` samples, at most half. w starts at 1 (the server's
-value), is kept across rounds as the client state ``mix`` and is not learned in a client's first round (no
-own copy yet) nor for a block without a server value in the round (a personal block outside decision rounds).
+(same samples every round, never trained nor fine-tuned on): a fraction ``lmc_holdout``, at least
+``lmc_holdout_min`` samples, at most half. w starts at 1 (the server's value), is kept across rounds as the
+client state ``mix`` and is not learned in a client's first round (no own copy yet) nor for a block without
+a server value in the round (a personal block outside decision rounds).
 
 ``lmc_mix_train = false`` keeps the weights as evidence only: the client learns and reports them the same
 way but trains from the server's value of every shared block and its own copy of every personal one (and
