@@ -257,23 +257,43 @@ class Toy(nn.Module):
         return self.head(torch.relu(self.body(x)))
 
 
+class ToyNorm(Toy):
+    """The toy with a batch norm on its inputs, the block a feature shift should make personal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.norm(x))
+
+
 def toy_federation(
-    labels: list[list[int]], rounds: int = 6, n: int = 400, *, mix_train: bool = True
+    labels: list[list[int]],
+    rounds: int = 6,
+    n: int = 400,
+    *,
+    mix_train: bool = True,
+    domains: list[float] | None = None,
+    statistics: bool = False,
 ) -> MixingPolicy:
     """Clients with Gaussian classes (``labels[c]``: client c's classes), run as the mechanism and the
     ClientApp do: each client starts from its own copy with the round's server values mixed in by the
     weights it learns on its held-out slice (``mix_train``; else from the server's shared blocks and its own
     personal ones), trains, reports its weights; the server averages the shared blocks, decides every round
-    and averages the personal ones as their reference."""
+    and averages the personal ones as their reference. ``domains``: client c sees its inputs scaled by
+    ``domains[c]`` and shifted by as much (a feature shift), through :class:`ToyNorm`; ``statistics``: the
+    weights see running statistics (``lmc_norm = "decide"``)."""
     gen = torch.Generator().manual_seed(0)
     means = 3 * torch.randn(4, 8, generator=gen)
     data = []
-    for classes in labels:
+    for c, classes in enumerate(labels):
         y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=gen)]
-        data.append((means[y] + torch.randn(n, 8, generator=gen), y))
+        x = means[y] + torch.randn(n, 8, generator=gen)
+        data.append((x * domains[c] + domains[c] if domains else x, y))
     torch.manual_seed(0)
-    model = Toy()
-    blocks = {"body": ["body.weight", "body.bias"], "head": ["head.weight", "head.bias"]}
+    model = ToyNorm() if domains else Toy()
+    blocks = model_blocks(model)
     p = MixingPolicy(blocks, list(blocks), reshare=True, mixing=MixingRule(0.5, 0.1))
     server_state = model.state_dict()
     owns: list[dict[str, torch.Tensor]] = [{} for _ in labels]
@@ -296,11 +316,12 @@ def toy_federation(
                 if owns[c]:
                     learned = learn_weights(
                         model, owns[c], server, mixable, {b: weights[c][b] for b in mixable},
-                        x[held], y[held], steps=5, lr=1.0, device=CPU,
+                        x[held], y[held], steps=5, lr=1.0, device=CPU, statistics=statistics,
                     )  # fmt: skip
                     weights[c] |= learned
                     if mix_train:
                         model.load_state_dict(mixed_state(owns[c], server, mixable, learned), strict=False)
+                model.train()
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
                 for _ in range(30):
                     optimizer.zero_grad()
@@ -309,7 +330,10 @@ def toy_federation(
                 owns[c] = {k: v.clone() for k, v in model.state_dict().items()}
                 reports.append({b: weights[c][b] for b in mixable} if server_round > 1 else {})
                 states.append(owns[c])
-            server_state = {k: torch.stack([s[k] for s in states]).mean(0) for k in server_state}
+            server_state = {
+                k: torch.stack([s[k] for s in states]).double().mean(0).to(v.dtype)
+                for k, v in server_state.items()
+            }
             p.decide(server_round, reports, [1.0] * len(labels))
     finally:
         torch.set_num_threads(threads)
@@ -329,6 +353,19 @@ def test_clients_with_disjoint_labels_turn_the_head_personal(mix_train: bool) ->
     assert p.shared_blocks() in (["body"], [])
     assert p.weights[max(p.weights)]["head"] < 0.4
     assert "head" not in p.history[max(p.history)]
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_a_feature_shift_turns_the_input_norm_personal_once_its_statistics_are_seen(statistics: bool) -> None:
+    """The same classes seen through two domains (inputs as they are / scaled and shifted by 4): the
+    server's average of the input norm's running statistics fits neither client. Seen (lmc_norm = "decide")
+    the norm's weight falls and it turns personal while body and head stay shared; unseen, it stays
+    shared."""
+    p = toy_federation([[0, 1, 2, 3]] * 2, domains=[1.0, 4.0], statistics=statistics)
+    if statistics:
+        assert p.shared_blocks() == ["body", "head"] and p.weights[max(p.weights)]["norm"] < 0.4
+    else:
+        assert "norm" in p.shared_blocks()
 
 
 # --------------------------------------------------------------------------- the server's rule
