@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from fedlayer.config import Config, ConfigError, load_config, parse_value
 from fedlayer.inputs import check_before_start, check_out
@@ -182,6 +183,7 @@ def check_inputs(
         if folders.count(variant.folder) > 1:
             raise ConfigError(f"--strategies: {variant.label!r} names the same runs as another strategy")
     check_out(out, reusable=lambda names: SWEEP in names, reusable_is="a compare directory to resume")
+    earlier_runs(out, config, overrides)  # a directory of another cell is refused before anything is written
     load_config(config, list(overrides))  # errors of the shared overrides, named without a variant
     configs = {
         (v.label, seed): _variant_config(config, v, seed, overrides) for seed in seeds for v in variants
@@ -225,17 +227,41 @@ def write_manifest(
     """``out/sweep.json``: what the compare directory holds (``fedlayer report`` and resuming read it)."""
     from fedlayer.run.atomic import write_atomic
 
+    earlier = earlier_runs(out, config, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(out, variants, seeds)
+    planned = plan(out, variants, seeds)
+    paths = {str(r.path.relative_to(out)) for r in planned}
+    runs = [run for run in earlier if run["path"] not in paths] + [
+        {"strategy": r.variant.label, "seed": r.seed, "path": str(r.path.relative_to(out))} for r in planned
+    ]
     manifest = {
         "config": config,
-        "seeds": list(seeds),
+        "seeds": sorted({int(run["seed"]) for run in runs}),
         "overrides": list(overrides),
-        "runs": [
-            {"strategy": r.variant.label, "seed": r.seed, "path": str(r.path.relative_to(out))} for r in runs
-        ],
+        "runs": runs,
     }
     write_atomic(out / SWEEP, json.dumps(manifest, indent=2) + "\n")
+
+
+def earlier_runs(out: Path, config: str, overrides: Sequence[str]) -> list[dict[str, Any]]:
+    """The runs an existing ``out/sweep.json`` lists, kept when a sweep with other strategies or seeds is
+    added to the directory (its report covers them all); [] for a new directory. Runs of another experiment
+    file or other overrides would make one table of different cells: refused, one line."""
+    from fedlayer.run.readers import read_json
+
+    if not (out / SWEEP).exists():
+        return []
+    manifest = read_json(out / SWEEP)
+    if Path(manifest["config"]).name != Path(config).name:
+        raise ConfigError(
+            f"config: {str(out)!r} holds runs of {manifest['config']!r}, not {config!r}; give another --out"
+        )
+    if list(manifest["overrides"]) != list(overrides):
+        held = "; ".join(manifest["overrides"]) or "none"
+        raise ConfigError(
+            f"--set: {str(out)!r} holds runs made with the overrides [{held}]; give the same or another --out"
+        )
+    return list(manifest["runs"])
 
 
 # ----------------------------------------------------------------------------- commands (arguments: cli.py)

@@ -180,22 +180,9 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     config = out / GRID_EXPERIMENT
     config.write_text(tomli_w.dumps(grid.experiment))
-    manifest = {
-        "grid": str(path),
-        "strategies": [v.label for v in variants],
-        "seeds": seeds,
-        "overrides": list(overrides),
-        "settings": [
-            {
-                "name": s.name,
-                "about": s.about,
-                "overrides": list(s.overrides),
-                "path": f"{GRID_SETTINGS}/{s.folder}",
-            }
-            for s in grid.settings
-        ],
-    }
-    (out / GRID).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / GRID).write_text(
+        json.dumps(grid_manifest(out, path, grid, variants, seeds, overrides), indent=2) + "\n"
+    )
     for number, setting in enumerate(grid.settings, start=1):
         folder = out / GRID_SETTINGS / setting.folder
         cell = [*setting.overrides, *overrides]
@@ -205,6 +192,39 @@ def run_grid(
         write_report(folder)
     write_grid_report(out, is_fixed_split)
     return grid
+
+
+def grid_manifest(
+    out: Path,
+    path: str | Path,
+    grid: Grid,
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    overrides: Sequence[str],
+) -> dict[str, Any]:
+    """``out/grid.json``: this call's strategies, seeds and settings added to those an earlier call into the
+    same directory recorded (a call with ``--settings`` / ``--strategies`` extends the grid's report instead
+    of hiding the rest of it; a setting run again gets this call's entry, in its earlier place)."""
+    from fedlayer.run.readers import read_json
+
+    earlier = read_json(out / GRID)
+    settings = {
+        s.name: {
+            "name": s.name,
+            "about": s.about,
+            "overrides": list(s.overrides),
+            "path": f"{GRID_SETTINGS}/{s.folder}",
+        }
+        for s in grid.settings
+    }
+    merged = {entry["name"]: settings.get(entry["name"], entry) for entry in earlier.get("settings", [])}
+    return {
+        "grid": str(path),
+        "strategies": list(dict.fromkeys([*earlier.get("strategies", []), *(v.label for v in variants)])),
+        "seeds": sorted({*earlier.get("seeds", []), *seeds}),
+        "overrides": list(overrides),
+        "settings": list((merged | settings).values()),  # earlier ones in their order, then new ones
+    }
 
 
 # ----------------------------------------------------------------------------- command (arguments: cli.py)

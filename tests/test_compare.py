@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from sim_helpers import cli_args, start, wait_for_rows
 
 from fedlayer.cli import main
-from fedlayer.compare import Variant, split_specs
+from fedlayer.compare import Variant, split_specs, write_manifest
 from fedlayer.config import ConfigError
 from fedlayer.run.files import LOCK_FILE, SESSION_FILE
 
@@ -93,6 +94,44 @@ def test_compare_refuses_an_out_that_is_not_a_compare_directory(
     assert main(args) == 2
     assert "--out: " in capsys.readouterr().err
     assert [p.name for p in run.iterdir()] == ["accuracy.png"]
+
+
+def test_a_later_sweep_into_the_same_directory_adds_to_its_runs(tmp_path: Path) -> None:
+    config = str(ROOT / "experiments" / "default.toml")
+    out = tmp_path / "cmp"
+    write_manifest(config, [Variant.parse("fedavg")], [0], ["federation.rounds=2"], out)
+    write_manifest(
+        config, [Variant.parse("fedper"), Variant.parse("fedavg")], [1], ["federation.rounds=2"], out
+    )
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [(r["strategy"], r["seed"]) for r in manifest["runs"]] == [
+        ("fedavg", 0),
+        ("fedper", 1),
+        ("fedavg", 1),
+    ]
+    assert manifest["seeds"] == [0, 1]
+    write_manifest(config, [Variant.parse("fedavg")], [0], ["federation.rounds=2"], out)  # resumed: no copy
+    assert len(json.loads((out / "sweep.json").read_text())["runs"]) == 3
+
+
+def test_a_directory_of_other_overrides_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(ROOT / "experiments" / "default.toml")
+    out = tmp_path / "cmp"
+    write_manifest(config, [Variant.parse("fedavg")], [0], ["federation.rounds=2"], out)
+    before = (out / "sweep.json").read_text()
+    args = ["compare", config, "--strategies", "fedper", "--seeds", "0", "--out", str(out)]
+    assert main([*args, "--set", "federation.rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set: " in err and "[federation.rounds=2]" in err, err
+    other = str(ROOT / "experiments" / "lmc.toml")
+    assert (
+        main(["compare", other, "--strategies", "fedper", "--out", str(out), "--set", "federation.rounds=2"])
+        == 2
+    )
+    assert "config: " in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == before
 
 
 @pytest.mark.slow

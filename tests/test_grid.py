@@ -173,13 +173,21 @@ def test_a_tiny_grid_through_the_cli(
         (out / "settings" / "rotate" / "runs" / "local-seed0" / "partition.json").read_text()
     )
     assert [c["domain"] for c in partition["clients"]] == [0, 1, 2]
-    report = (out / "report.md").read_text()
+    report, report_matrix = (out / "report.md").read_text(), (out / "matrix.md").read_text()
     assert "## Best method per setting" in report and "| concept shift | label permutation" in report
     assert (out / "matrix.png").stat().st_size > 0
 
     capsys.readouterr()
     assert main(["grid", str(path), "--out", str(out)]) == 0  # resumable: nothing left to run
     assert capsys.readouterr().out.count("2 already finished (skipped)") == 2
+    manifest = (out / "grid.json").read_text()
+    assert main(["grid", str(path), "--out", str(out), "--settings", "rotate", "--strategies", "local"]) == 0
+    assert (out / "grid.json").read_text() == manifest  # a subset call keeps the rest of the grid in view
+    assert [r["strategy"] for r in json.loads((out / "settings/rotate/sweep.json").read_text())["runs"]] == [
+        "fedavg",
+        "local",
+    ]
+    assert (out / "matrix.md").read_text() == report_matrix
 
     matrix_md, report_md = (out / "matrix.md").read_text(), report
     for name in ("matrix.md", "matrix.csv", "matrix.png", "report.md"):
