@@ -229,11 +229,12 @@ def write_manifest(
 
     earlier = earlier_runs(out, config, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    planned = plan(out, variants, seeds)
-    paths = {str(r.path.relative_to(out)) for r in planned}
-    runs = [run for run in earlier if run["path"] not in paths] + [
-        {"strategy": r.variant.label, "seed": r.seed, "path": str(r.path.relative_to(out))} for r in planned
+    planned = [
+        {"strategy": r.variant.label, "seed": r.seed, "path": str(r.path.relative_to(out))}
+        for r in plan(out, variants, seeds)
     ]
+    paths = {run["path"] for run in planned}
+    runs = [run for run in earlier if run["path"] not in paths] + planned
     manifest = {
         "config": config,
         "seeds": sorted({int(run["seed"]) for run in runs}),
