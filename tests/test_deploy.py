@@ -8,6 +8,7 @@ and the fault run have their own deployments. The rest are fast checks of the co
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ import psutil
 import pytest
 import torch
 from flwr.app import ArrayRecord
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import FAB_MAX_SIZE
 from PIL import Image
 
 from fedlayer.cli import main
@@ -38,6 +42,7 @@ from fedlayer.deploy import (
     report,
     run_config,
 )
+from fedlayer.deploy.flwr_cli import stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 slow = pytest.mark.slow
@@ -175,6 +180,22 @@ def test_run_config_is_absolute_and_rejects_separators(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match="';'"):
         run_config(Path("c.toml"), ["strategy.shared=['a;b']"], tmp_path)
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["deploy-staging", "flwr-run-dot"])
+def test_the_fab_holds_the_app_and_its_configs_and_stays_under_flowers_limit(
+    staged: bool, tmp_path: Path
+) -> None:
+    """Both ways a FAB is built (`fedlayer deploy`'s staged copy, the README's `flwr run .`) leave out the
+    committed results, which alone compress past Flower's 10 MB limit (CI failed on it once)."""
+    app = stage_app(ROOT, tmp_path / "app") if staged else ROOT
+    fab = build_fab_from_disk(app)  # raises over FAB_MAX_SIZE
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert len(fab) < FAB_MAX_SIZE / 4
+    assert {"fedlayer/server/app.py", "fedlayer/client/app.py", "experiments/default.toml"} <= set(names)
+    assert not [name for name in names if name.startswith("experiments/results/")]
+    if staged:
+        assert not (tmp_path / "app/experiments/results").exists()
 
 
 def test_prepare_out_never_clears_a_foreign_directory(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ CONNECTION = "fedlayer"  # the [superlink.<name>] entry written into the isolate
 COMPLETED = "finished:completed"
 # What the FAB needs; staging these keeps `flwr run` from walking .venv and runs/ (5 s here).
 APP_FILES = ("pyproject.toml", "README.md", "fedlayer", "strategies", "experiments")
+RESULTS = "results"  # experiments/results: committed figures, tens of MB the FAB leaves out anyway
 START_TIMEOUT = 90.0  # SuperLink up and every SuperNode online; 2-core machines need ~10 s
 FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -66,14 +67,21 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     """Copy the app's sources (``APP_FILES``) into ``dest``, the directory ``flwr run`` packs."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in APP_FILES:
         src = app_dir / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=ignore)
+            shutil.copytree(src, dest / name, ignore=_not_staged)
         elif src.is_file():
             shutil.copyfile(src, dest / name)
     return dest
+
+
+def _not_staged(directory: str, names: list[str]) -> set[str]:
+    """Bytecode everywhere and the results folder of ``experiments/``."""
+    skipped = set(shutil.ignore_patterns("__pycache__", "*.pyc")(directory, names))
+    if Path(directory).name == "experiments":
+        skipped.add(RESULTS)
+    return skipped
 
 
 def tail(path: Path, lines: int = 30) -> str:
