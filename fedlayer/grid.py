@@ -172,6 +172,7 @@ def run_grid(
     variants = [Variant.parse(spec) for spec in (strategies or grid.strategies)]
     seeds = list(seeds or grid.seeds)
     check_out(out, reusable=lambda names: GRID in names, reusable_is="a grid directory to resume")
+    check_same_grid(out, grid, overrides)
     with _experiment_file(grid.experiment) as base:
         for setting in grid.settings:
             folder = out / GRID_SETTINGS / setting.folder
@@ -192,6 +193,29 @@ def run_grid(
         write_report(folder)
     write_grid_report(out, is_fixed_split)
     return grid
+
+
+def check_same_grid(out: Path, grid: Grid, overrides: Sequence[str]) -> None:
+    """A grid directory is one experiment: a call with another base experiment or other ``--set`` overrides
+    would put cells of different configs into one matrix. Refused with one line, before anything is written
+    (a setting's own compare directory checks its cells' overrides too, but not a setting run first now)."""
+    if not (out / GRID).exists():
+        return
+    from fedlayer.run.readers import read_json
+
+    earlier = read_json(out / GRID)
+    if list(earlier.get("overrides", [])) != list(overrides):
+        held = "; ".join(earlier.get("overrides", [])) or "none"
+        raise ConfigError(
+            f"--set: {str(out)!r} holds a grid made with the overrides [{held}]; "
+            "give the same or another --out"
+        )
+    written = out / GRID_EXPERIMENT
+    if written.exists() and read_toml(written) != grid.experiment:
+        raise ConfigError(
+            f"grid: {str(out)!r} holds a grid of another base experiment ({earlier.get('grid')!r}); "
+            "give another --out"
+        )
 
 
 def grid_manifest(

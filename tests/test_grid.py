@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomli_w
 
 from fedlayer.cli import main
 from fedlayer.config import ConfigError
-from fedlayer.grid import Grid, Setting
+from fedlayer.grid import Grid, Setting, check_same_grid, grid_manifest
+from fedlayer.run import files
 from fedlayer.run.grid_report import best_per_setting, grid_matrix, matrix_figure, matrix_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +190,9 @@ def test_a_tiny_grid_through_the_cli(
         "local",
     ]
     assert (out / "matrix.md").read_text() == report_matrix
+    other = ["--settings", "rotate", "--set", "train.lr=0.5"]  # refused before anything is written
+    assert main(["grid", str(path), "--out", str(out), *other]) == 2
+    assert (out / "grid.json").read_text() == manifest
 
     matrix_md, report_md = (out / "matrix.md").read_text(), report
     for name in ("matrix.md", "matrix.csv", "matrix.png", "report.md"):
@@ -195,6 +200,28 @@ def test_a_tiny_grid_through_the_cli(
     assert main(["report", str(out)]) == 0
     assert (out / "matrix.md").read_text() == matrix_md and (out / "report.md").read_text() == report_md
     assert (out / "matrix.png").exists()
+
+
+def test_a_grid_directory_refuses_other_overrides_or_another_base_experiment(tmp_path: Path) -> None:
+    """A setting run first into an existing grid directory has no compare directory to refuse it: the grid's
+    own manifest must (it used to take the new call's overrides and base experiment silently)."""
+    path = tmp_path / "g.toml"
+    path.write_text(
+        "[train]\nlr = 0.01\n[grid]\nstrategies = ['fedavg']\n[grid.settings.a]\n[grid.settings.b]\n"
+    )
+    grid, out, held = Grid.read(path), tmp_path / "out", ["federation.rounds=2"]
+    check_same_grid(out, grid, ["anything=1"])  # a new directory
+    out.mkdir()
+    (out / files.GRID).write_text(json.dumps(grid_manifest(out, path, grid.only(["a"]), [], [0], held)))
+    (out / files.GRID_EXPERIMENT).write_text(tomli_w.dumps(grid.experiment))
+    check_same_grid(out, grid.only(["b"]), held)  # another setting of the same experiment
+    with pytest.raises(
+        ConfigError, match=r"^--set: .* \[federation.rounds=2\]; give the same or another --out$"
+    ):
+        check_same_grid(out, grid.only(["b"]), ["federation.rounds=3"])
+    path.write_text(path.read_text().replace("0.01", "0.02"))
+    with pytest.raises(ConfigError, match="^grid: .* holds a grid of another base experiment"):
+        check_same_grid(out, Grid.read(path).only(["b"]), held)
 
 
 def test_settings_choose_a_subset_by_name(tmp_path: Path) -> None:
