@@ -55,7 +55,7 @@ AggregatorName = Literal[
 Finetune = Literal["head", "final"]
 LmcSource = Literal["clients", "server"]
 LmcStatistic = Literal["mean", "max", "quantile"]
-LmcCriterion = Literal["barrier", "mixing"]
+LmcCriterion = Literal["barrier", "mixing", "shadow"]
 LmcNorm = Literal["follow", "decide"]
 Pairs = Literal["clients", "global", "both"]
 AnalysisData = Literal["global_test", "pair_train"]
@@ -361,7 +361,9 @@ class StrategyConfig:
     lmc_criterion: LmcCriterion = setting(
         "barrier",
         "lmc: what decides sharing: barrier = the cost of moving a block halfway to the server's value; "
-        "mixing = per-block weights each client learns on held-out data (strategies/lmc.py)",
+        "mixing = per-block weights each client learns on held-out data; shadow = mixing for the lower "
+        "blocks, and for the model's tail blocks a shadow copy in the other regime trained beside each one "
+        "on the same batches, compared on held-out data (strategies/lmc.py)",
     )
     lmc_source: LmcSource = setting(
         "clients", "lmc: who measures the cost of sharing each block: clients on their data, or the analysis"
@@ -439,6 +441,18 @@ class StrategyConfig:
         "lmc (mixing): hysteresis: a shared block turns personal below threshold - margin, a personal one "
         "shared again at threshold + margin or above",
         Range(0, 0.5),
+    )
+    lmc_shadow_decay: float = setting(
+        0.7,
+        "lmc (shadow): the running evidence of a tail block is decay x itself + (1 - decay) x the round's "
+        "held-out gain of sharing it (0: the last round alone)",
+        Range(0, 1, open_high=True),
+    )
+    lmc_shadow_margin: float = setting(
+        0.005,
+        "lmc (shadow): hysteresis in nats of held-out loss: a shared tail block turns personal once its "
+        "running gain of sharing is below -margin, a personal one shared again above +margin",
+        AT_LEAST_0,
     )
     server_lr: float = setting(1.0, "fedavgm, fedadam, fedyogi, fedadagrad: server learning rate", POSITIVE)
     server_momentum: float = setting(0.9, "fedavgm: server momentum", MOMENTUM)
@@ -600,15 +614,26 @@ def validate(cfg: Config) -> None:
             f"must be 0 (up to {DEFAULT_PAIR_CLIENTS}) or 2 to federation.clients={f.clients}",
         )
     s = cfg.strategy
-    if s.name == "lmc" and s.lmc_criterion == "mixing" and s.lmc_source != "clients":
+    held_out = s.name == "lmc" and s.lmc_criterion in ("mixing", "shadow")
+    if held_out and s.lmc_source != "clients":
         raise _not_allowed(
-            "strategy.lmc_source", s.lmc_source, "'clients' with strategy.lmc_criterion = 'mixing'"
+            "strategy.lmc_source",
+            s.lmc_source,
+            f"'clients' with strategy.lmc_criterion = {s.lmc_criterion!r}",
         )
-    if s.lmc_finetune and not (s.name == "lmc" and s.lmc_criterion == "mixing"):
+    if s.lmc_finetune and not held_out:
         raise _not_allowed(
             "strategy.lmc_finetune",
             s.lmc_finetune,
-            "0 unless strategy.name = 'lmc' with strategy.lmc_criterion = 'mixing' (it needs held-out data)",
+            "0 unless strategy.name = 'lmc' with strategy.lmc_criterion = 'mixing' or 'shadow' (it needs "
+            "held-out data)",
+        )
+    if s.name == "lmc" and s.lmc_criterion == "shadow" and s.lmc_every != 1:
+        raise _not_allowed(
+            "strategy.lmc_every",
+            s.lmc_every,
+            "1 with strategy.lmc_criterion = 'shadow' (the shadows of personal blocks restart from the "
+            "server's average of them every round)",
         )
     if s.name == "lmc" and s.lmc_source == "server" and (a.every == 0 or s.lmc_every % a.every):
         raise _not_allowed(

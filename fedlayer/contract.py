@@ -32,6 +32,7 @@ EXPERIMENT = "experiment"  # the resolved experiment config, TOML
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 FULL_MODEL = "full-model"  # reply with the full model (analysis rounds, lmc collection rounds)
 LMC_MEASURE = "lmc-measure"  # measure the cost of sharing each block (lmc decision rounds)
+ANALYSIS_ROUND = "analysis-round"  # the full model goes to the analysis (lmc shadow: own copies, not shadows)
 STATE_DIR = "state-dir"  # where the client keeps personal layers (simulation: the run's clients/ folder)
 
 # Keys of a reply's MetricRecord.
@@ -41,6 +42,9 @@ COST_PREFIX = "lmc."  # "lmc.<block>": the client's cost of sharing that block
 MIX_PREFIX = (
     "mix."  # "mix.<block>": the client's learned weight of the server's value of that block (lmc mixing)
 )
+# "shadow.<block>": a client's held-out gain of sharing that tail block (lmc shadow, nats; > 0: sharing wins)
+SHADOW_PREFIX = "shadow."
+SHADOW = "shadow"  # the train reply's record of a client's shadows of its personal tail blocks (lmc shadow)
 TRAIN_METRICS = ("train_loss", "personalized_acc_before", "personalized_acc_after", "personalized_loss_after")
 EVALUATE_METRICS = ("personalized_acc", "personalized_loss")
 # evaluate reply after the last round, lmc_finetune > 0: whether the client kept its fine-tuned model (0/1)

@@ -65,6 +65,7 @@ class CNN(nn.Module):
     """
 
     HEAD_BLOCKS: ClassVar[tuple[str, ...]] = ("fc2",)
+    TAIL_BLOCKS: ClassVar[tuple[str, ...]] = ("fc1", "fc2")  # what :meth:`tail` computes from its input
     PADDING: ClassVar[int] = 2  # 'same' for 5x5 kernels
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, norm: str = "none") -> None:
@@ -86,7 +87,11 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
         x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        return self.tail(x.flatten(1))
+
+    def tail(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits from the input of the first of ``TAIL_BLOCKS`` (the flattened features)."""
+        return self.fc2(F.relu(self.fc1(z)))
 
 
 class PFLlibCNN(CNN):
@@ -102,6 +107,7 @@ class MLP(nn.Module):
     """The FedAvg '2NN' (McMahan et al., 2017): two hidden layers of 200 units with ReLU."""
 
     HEAD_BLOCKS: ClassVar[tuple[str, ...]] = ("fc3",)
+    TAIL_BLOCKS: ClassVar[tuple[str, ...]] = ("fc2", "fc3")
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, norm: str = "none") -> None:
         super().__init__()
@@ -111,7 +117,11 @@ class MLP(nn.Module):
         self.fc3 = nn.Linear(200, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+        return self.tail(F.relu(self.fc1(x.flatten(1))))
+
+    def tail(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits from the input of ``fc2``."""
+        return self.fc3(F.relu(self.fc2(z)))
 
 
 class ResNet18(ResNet):
@@ -268,6 +278,13 @@ def model_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------- extensions
+
+
+def tail_blocks(model: nn.Module) -> tuple[str, ...]:
+    """The blocks the model's ``tail(z)`` computes from the input z of the first of them, in order (the
+    upper layers ``lmc_criterion = "shadow"`` trains shadows of); () for a model without a tail."""
+    blocks = tuple(getattr(model, "TAIL_BLOCKS", ()))
+    return blocks if callable(getattr(model, "tail", None)) else ()
 
 
 def head_module(model: nn.Module) -> nn.Module:

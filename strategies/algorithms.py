@@ -161,10 +161,11 @@ ALGORITHMS: dict[str, Algorithm] = {
             "lmc",
             None,
             "barrier-guided: blocks whose measured sharing cost is low (or, lmc_criterion = 'mixing', whose "
-            "learned mixing weight is high) are averaged (server: strategies/lmc.py; clients: "
-            "fedlayer/client/lmc.py)",
+            "learned mixing weight is high; 'shadow': tail blocks whose shadow in the other regime loses) "
+            "are averaged (server: strategies/lmc.py; clients: fedlayer/client/lmc.py, shadow.py)",
             dynamic=True,
-            state=("mix",),  # lmc_criterion = "mixing": the learned weight per block
+            # lmc_criterion "mixing" / "shadow": the learned weight per block; the tail's shadows, their roles
+            state=("mix", "shadow", "shadow_role"),
         ),
     )
 }

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from fedlayer.config import ConfigError, StrategyConfig
-from fedlayer.contract import GLOBAL, MIX_PREFIX
+from fedlayer.contract import GLOBAL, MIX_PREFIX, SHADOW_PREFIX
 from strategies.mechanism import RoundObserver
 from strategies.sharing import SharingPolicy
 
@@ -201,6 +201,10 @@ class LmcPolicy(SharingPolicy):
     def record(self, server_round: int) -> None:
         self.history[server_round] = self.shared_blocks()
 
+    def logged(self, server_round: int) -> dict[str, Any]:
+        """What ``layers_by_round.json`` holds of ``server_round`` beside its shared blocks."""
+        return {self.evidence_name: self.evidence(server_round)}
+
     def state(self) -> dict[str, Any]:
         return {
             "shared": list(self.shared),
@@ -257,7 +261,7 @@ class MixingPolicy(LmcPolicy):
 
     mixing: MixingRule = field(default_factory=MixingRule)
     weights: dict[int, dict[str, float]] = field(default_factory=dict)
-    evidence_prefix: ClassVar[str] = MIX_PREFIX
+    evidence_prefixes: ClassVar[tuple[str, ...]] = (MIX_PREFIX,)
     evidence_name: ClassVar[str] = "weights"
 
     def collects(self, server_round: int) -> bool:
@@ -300,6 +304,114 @@ class MixingPolicy(LmcPolicy):
         self.weights = {int(k): dict(v) for k, v in state["weights"].items()}
 
 
+@dataclass(frozen=True)
+class ShadowRule:
+    """When a tail block is shared, from its running held-out gain of sharing (``lmc_criterion = "shadow"``).
+
+    Attributes
+    ----------
+    decay : float
+        running ← decay · running + (1 − decay) · the round's gain (the first gain starts it).
+    margin : float
+        Hysteresis (nats): a shared block turns personal once running < −margin, a personal one is shared
+        again once running > +margin.
+    """
+
+    decay: float = _DEFAULT.lmc_shadow_decay
+    margin: float = _DEFAULT.lmc_shadow_margin
+
+    def update(self, running: float | None, gain: float) -> float:
+        return gain if running is None else self.decay * running + (1 - self.decay) * gain
+
+    def shares(self, shared: bool, running: float) -> bool:
+        return running >= -self.margin if shared else running > self.margin
+
+
+@dataclass
+class ShadowPolicy(MixingPolicy):
+    """``lmc`` with shadows of the tail blocks: the model's upper blocks (:func:`fedlayer.models.tail_blocks`)
+    are decided by comparing two trajectories at equal adaptation, the lower ones by mixing weights.
+
+    Each client trains, beside every tail block, a shadow copy in the other regime on the same batches
+    (:mod:`fedlayer.client.shadow`): the personal trajectory of a shared block (its own copy, never replaced
+    by the server's) and the shared trajectory of a personal block (restarted every round from the server's
+    average of the clients' shadows). It reports the held-out gain of sharing each tail block, g = L(personal
+    copy) − L(shared copy) on its held-out slice; the server keeps a running, sample-weighted mean of g per
+    block across rounds (:class:`ShadowRule`) and shares the block while it stays above −margin (personal:
+    once it rises above +margin). Decisions every round (``lmc_every = 1``).
+
+    Attributes
+    ----------
+    tail : tuple[str, ...]
+        The tail blocks, decided by their shadows.
+    shadow : ShadowRule
+        Decay of the running gain and the hysteresis margin.
+    gains : dict[int, dict[str, float]]
+        Decision round -> the clients' sample-weighted mean gain per tail block.
+    running : dict[str, float]
+        Tail block -> its running gain (the evidence that decides).
+    running_by_round : dict[int, dict[str, float]]
+        Decision round -> ``running`` after it (logged).
+    """
+
+    tail: tuple[str, ...] = ()
+    shadow: ShadowRule = field(default_factory=ShadowRule)
+    gains: dict[int, dict[str, float]] = field(default_factory=dict)
+    running: dict[str, float] = field(default_factory=dict)
+    running_by_round: dict[int, dict[str, float]] = field(default_factory=dict)
+    evidence_prefixes: ClassVar[tuple[str, ...]] = (MIX_PREFIX, SHADOW_PREFIX)
+
+    def decide(
+        self, server_round: int, client_costs: Sequence[Mapping[str, float]], weights: Sequence[float]
+    ) -> None:
+        """Lower blocks by their weights (:class:`MixingPolicy`), tail blocks by their running gains."""
+        tail = set(self.tail)
+        before = set(self.shared)
+        super().decide(
+            server_round, [{b: v for b, v in c.items() if b not in tail} for c in client_costs], weights
+        )
+        gains = {}
+        for block in [b for b in self.deciding() if b in tail]:
+            found = [(c[block], n) for c, n in zip(client_costs, weights, strict=True) if block in c]
+            if found:
+                values, samples = zip(*found, strict=True)
+                gains[block] = float(np.average(values, weights=np.asarray(samples, float)))
+                self.running[block] = self.shadow.update(self.running.get(block), gains[block])
+        self.gains[server_round] = gains
+        self.running_by_round[server_round] = dict(self.running)
+        lower = {self.owner(b) for b in self.shared} - tail
+        chosen = lower | {
+            block
+            for block in self.deciding()
+            if block in tail
+            and (
+                self.shadow.shares(block in before, self.running[block])
+                if block in gains
+                else block in before
+            )
+        }
+        self.shared = self._constrained(chosen)
+
+    def logged(self, server_round: int) -> dict[str, Any]:
+        return super().logged(server_round) | {
+            "gains": self.gains.get(server_round, {}),
+            "running": self.running_by_round.get(server_round, {}),
+        }
+
+    def state(self) -> dict[str, Any]:
+        return super().state() | {
+            "gains": dict(self.gains),
+            "running": dict(self.running),
+            "running_by_round": dict(self.running_by_round),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        super().load_state(state)
+        self.gains = {int(k): dict(v) for k, v in state["gains"].items()}
+        self.running = dict(state["running"])
+        self.running_by_round = {int(k): dict(v) for k, v in state["running_by_round"].items()}
+
+
 def lmc_policy(strategy: StrategyConfig, model: nn.Module, layers: Resolution) -> LmcPolicy:
     """The policy of ``strategy`` over ``model``'s blocks, starting from the resolved shared set."""
     from fedlayer.models import model_groups
@@ -309,18 +421,16 @@ def lmc_policy(strategy: StrategyConfig, model: nn.Module, layers: Resolution) -
     if both := sorted(never & always):
         raise ConfigError(f"strategy.lmc_always: {', '.join(both)} also excluded by strategy.exclude")
     norm = set(model_groups(model)["norm"]) if strategy.lmc_norm == "follow" else set()
-    if strategy.lmc_criterion == "mixing":
+    if strategy.lmc_criterion in ("mixing", "shadow"):
         mixing = MixingRule(strategy.lmc_weight_threshold, strategy.lmc_weight_margin)
-        return MixingPolicy(
-            layers.blocks,
-            layers.shared_blocks,
-            every=strategy.lmc_every,
-            always=always,
-            never=never,
-            reshare=True,
-            norm=norm,
-            mixing=mixing,
+        common = dict(
+            every=strategy.lmc_every, always=always, never=never, reshare=True, norm=norm, mixing=mixing
         )
+        if strategy.lmc_criterion == "mixing":
+            return MixingPolicy(layers.blocks, layers.shared_blocks, **common)  # type: ignore[arg-type]
+        shadow = ShadowRule(strategy.lmc_shadow_decay, strategy.lmc_shadow_margin)
+        tail = _tail(model)
+        return ShadowPolicy(layers.blocks, layers.shared_blocks, **common, tail=tail, shadow=shadow)  # type: ignore[arg-type]
     rule = LmcRule(
         strategy.lmc_threshold, strategy.lmc_share_fraction, strategy.lmc_statistic, strategy.lmc_quantile
     )
@@ -335,6 +445,18 @@ def lmc_policy(strategy: StrategyConfig, model: nn.Module, layers: Resolution) -
         reshare=strategy.lmc_reshare,
         norm=norm,
     )
+
+
+def _tail(model: nn.Module) -> tuple[str, ...]:
+    from fedlayer.models import model_name, tail_blocks
+
+    tail = tail_blocks(model)
+    if not tail:
+        raise ConfigError(
+            f"strategy.lmc_criterion: 'shadow' needs a model with a tail (cnn, pfllib_cnn, mlp); "
+            f"model.name = {model_name(model)!r} has none"
+        )
+    return tail
 
 
 def _blocks(patterns: list[str], model: nn.Module, field: str) -> set[str]:
@@ -354,7 +476,7 @@ class SharingLog(RoundObserver):
 
     def on_aggregated(self, server_round: int, previous: ArrayRecord, aggregated: ArrayRecord) -> None:
         rounds = {
-            r: {"shared": shared, self.policy.evidence_name: self.policy.evidence(r)}
+            r: {"shared": shared, **self.policy.logged(r)}
             for r, shared in sorted(self.policy.history.items())
         }
         self.write({"blocks": list(self.policy.blocks), "rounds": rounds})

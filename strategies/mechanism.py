@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedlayer.contract import (
+    ANALYSIS_ROUND,
     ARRAYS,
     CRITICAL,
     CUSTOMIZED,
@@ -23,6 +24,7 @@ from fedlayer.contract import (
     LMC_MEASURE,
     NUM_EXAMPLES,
     REFERENCE,
+    SHADOW,
     error_cause,
     partition_of,
 )
@@ -70,8 +72,9 @@ def restrict_content(content: RecordDict, keys: Sequence[str]) -> RecordDict:
     )
 
 
-def without_metrics(content: RecordDict, prefix: str) -> RecordDict:
-    """A copy of a reply's content whose MetricRecords lack the metrics named ``<prefix>...``."""
+def without_metrics(content: RecordDict, prefix: str | tuple[str, ...]) -> RecordDict:
+    """A copy of a reply's content whose MetricRecords lack the metrics named ``<prefix>...`` (any of
+    them, for a tuple)."""
     return RecordDict(
         {
             name: MetricRecord({k: v for k, v in value.items() if not k.startswith(prefix)})
@@ -117,7 +120,7 @@ class RoundFailedError(RuntimeError):
     """Too few valid client updates for the strategy's minimum: the run ends (its last checkpoint stays)."""
 
 
-UPLINK = {CRITICAL}  # ArrayRecords a reply may carry beside ARRAYS (per-client algorithms)
+UPLINK = {CRITICAL, SHADOW}  # ArrayRecords a reply may carry beside ARRAYS (fedcac's masks, lmc's shadows)
 
 
 def reply_fault(
@@ -142,8 +145,9 @@ def reply_fault(
     for key in sorted(required):
         if key in reference and tuple(arrays[key].shape) != tuple(reference[key].shape):
             return "shape", f"{key}: {tuple(arrays[key].shape)} != {tuple(reference[key].shape)}"
-    for key in sorted(keys):
-        value = arrays[key].numpy()
+    shadows = content.array_records.get(SHADOW, ArrayRecord())
+    for key, array in [*((k, arrays[k]) for k in sorted(keys)), *shadows.items()]:
+        value = array.numpy()
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return ("nan" if np.isnan(value).any() else "inf"), key
     # A diverged client is visible in its metrics even when it sends no arrays (`local`, personal layers).
@@ -258,8 +262,11 @@ class PartialStrategy(Strategy):
             sharing.record(server_round)
         collect = sharing is not None and sharing.collects(server_round)
         measure = sharing is not None and sharing.clients_measure(server_round)
-        full = self.full_model_rounds(server_round) or collect
-        config = ConfigRecord(dict(config) | {FULL_MODEL: full, LMC_MEASURE: measure})
+        analysis = self.full_model_rounds(server_round)
+        full = analysis or collect
+        config = ConfigRecord(
+            dict(config) | {FULL_MODEL: full, LMC_MEASURE: measure, ANALYSIS_ROUND: analysis}
+        )
         messages = self._sampled("train", server_round, grid, self.base.configure_train, arrays, config)
         messages = self._per_client(messages)
         if sharing is not None and measure and collect and messages:
@@ -317,8 +324,8 @@ class PartialStrategy(Strategy):
         """What the base aggregator sees of a reply: the shared keys, and no sharing evidence (the policy
         has read it; a client with nothing to weigh yet, in its first round under sampling, reports none,
         and Flower refuses to aggregate replies whose metric keys differ)."""
-        shared = restrict_content(content, self.shared_keys)
-        return shared if self.sharing is None else without_metrics(shared, self.sharing.evidence_prefix)
+        shared = restrict_content(_without_shadows(content), self.shared_keys)
+        return shared if self.sharing is None else without_metrics(shared, self.sharing.evidence_prefixes)
 
     def _decide(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """In a decision round: the next shared set from the clients' costs, and the sample-weighted
@@ -328,16 +335,11 @@ class PartialStrategy(Strategy):
         metrics = [next(iter(reply.content.metric_records.values())) for reply in replies]
         weights = [float(cast(float, m[NUM_EXAMPLES])) for m in metrics]
         if self.sharing.clients_measure(server_round):
-            prefix = self.sharing.evidence_prefix
-            costs = [
-                {key[len(prefix) :]: float(cast(float, v)) for key, v in m.items() if key.startswith(prefix)}
-                for m in metrics
-            ]
-            self.sharing.decide(server_round, costs, weights)
+            self.sharing.decide(server_round, [self.sharing.evidence_of(m) for m in metrics], weights)
         keys = self._personal_keys()
         if not keys or not self.sharing.collects(server_round):
             return None
-        contents = [restrict_content(reply.content, keys) for reply in replies]
+        contents = [restrict_content(_with_shadows(reply.content), keys) for reply in replies]
         return aggregate_arrayrecords(contents, self.base.weighted_by_key)
 
     def configure_evaluate(
@@ -465,6 +467,27 @@ def _uploads(replies: Sequence[Message]) -> dict[int, tuple[Tensors, Tensors]]:
             if partition is not None:
                 found[partition] = (reply.content.array_records[ARRAYS].to_torch_state_dict(), mask)
     return found
+
+
+def _with_shadows(content: RecordDict) -> RecordDict:
+    """A reply's content for the reference of the personal blocks: its model, with the blocks its ``shadow``
+    record holds (``lmc_criterion = "shadow"``: the client's copies of its personal tail blocks that followed
+    the shared trajectory) in place of its own copies, if it sent them; without that record, the content."""
+    shadows = content.array_records.get(SHADOW)
+    if shadows is None:
+        return content
+    arrays = cast(ArrayRecord, content[ARRAYS])
+    merged = ArrayRecord({key: shadows[key] if key in shadows else arrays[key] for key in arrays})
+    for key in shadows:  # outside analysis rounds the client's own copies do not travel at all
+        merged[key] = shadows[key]
+    return RecordDict({ARRAYS: merged, **content.metric_records})
+
+
+def _without_shadows(content: RecordDict) -> RecordDict:
+    """A reply's content without its ``shadow`` record (read for the reference only)."""
+    if SHADOW not in content.array_records:
+        return content
+    return RecordDict({name: value for name, value in content.items() if name != SHADOW})
 
 
 def _describe(faults: Sequence[ClientFault]) -> str:

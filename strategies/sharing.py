@@ -28,7 +28,9 @@ class SharingPolicy:
 
     blocks: dict[str, list[str]]
     shared: Sequence[str]
-    evidence_prefix: ClassVar[str] = COST_PREFIX  # the reply metrics "<prefix><block>" that decide
+    evidence_prefixes: ClassVar[tuple[str, ...]] = (
+        COST_PREFIX,
+    )  # reply metrics "<prefix><block>" that decide
 
     def __post_init__(self) -> None:
         self.shared = [block for block in self.blocks if block in set(self.shared)]
@@ -69,6 +71,15 @@ class SharingPolicy:
     ) -> None:
         """Set the next rounds' shared set from the evidence (costs, weights) of ``server_round`` (fixed:
         no-op)."""
+
+    def evidence_of(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """A reply's evidence, block -> value, from its metrics named ``<prefix><block>``."""
+        return {
+            key[len(prefix) :]: float(value)
+            for key, value in metrics.items()
+            for prefix in self.evidence_prefixes
+            if key.startswith(prefix)
+        }
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint must hold to continue the run exactly."""

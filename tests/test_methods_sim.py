@@ -26,16 +26,16 @@ TINY = ("federation.clients=3", "federation.fraction_train=1.0", "federation.rou
     [
         # PFLlib's default dbe_kl_weight 0 would leave the regularizer's state untested
         ("feddbe", ["strategy.dbe_kl_weight=1.0"]),
-        # killed after a decision round: the policy's weights and shared set and the clients' weights resume
-        ("lmc", ["strategy.lmc_criterion='mixing'"]),
+        # killed after a decision round: the policy's evidence and shared set and the clients' state resume
+        ("lmc", ["strategy.lmc_criterion='shadow'"]),
     ],
 )
 def test_method_resumes_after_sigkill_to_the_uninterrupted_result(
     name: str, settings: list[str], tiny_fmnist: Path, tmp_path: Path
 ) -> None:
     """FedDBE has both a model extension and client state; Ditto's and FedALA's state and FedRoD's
-    extension take the same paths. ``lmc`` with the mixing criterion: client state and a server policy
-    decided every round."""
+    extension take the same paths. ``lmc`` with the shadow criterion (mixing below the tail): client state
+    (weights, shadows, their roles) and a server policy decided every round."""
 
     def args(out: Path) -> list[str]:
         return cli_args(tiny_fmnist, out, *TINY, f"strategy.name='{name}'", *settings)

@@ -500,7 +500,7 @@ def test_a_client_with_no_weights_yet_does_not_stop_the_aggregation() -> None:
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("strategy.lmc_criterion='shadow'", "strategy.lmc_criterion"),
+        ("strategy.lmc_criterion='shadows'", "strategy.lmc_criterion"),
         ("strategy.lmc_holdout=0.7", "strategy.lmc_holdout"),
         ("strategy.lmc_holdout=0", "strategy.lmc_holdout"),
         ("strategy.lmc_weight_threshold=1.5", "strategy.lmc_weight_threshold"),

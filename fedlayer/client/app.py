@@ -26,11 +26,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from fedlayer.client import lmc
+from fedlayer.client import lmc, shadow
 from fedlayer.client.recipes import LocalTask, personalize, train_locally
 from fedlayer.client.store import PersonalStore, join_state, split_state
 from fedlayer.config import Config, config_from_dict
 from fedlayer.contract import (
+    ANALYSIS_ROUND,
     ARRAYS,
     CONFIG,
     CUSTOMIZED,
@@ -210,7 +211,11 @@ def _train(msg: Message, context: Context) -> Message:
     weights = lmc.mix(job, task, reference) if mixing else {}
     evaluating = job.cfg.federation.evaluates(job.server_round)  # federation.evaluate_every
     before = job.personalized_eval(task) if evaluating and job.cfg.train.evaluate_before else None
-    train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
+    if shadow.shadowing(job):
+        train_loss, gains = shadow.train_with_shadows(job, task, reference)
+        weights |= gains
+    else:
+        train_loss = train_locally(get_algorithm(job.cfg.strategy), task)
     after = job.personalized_eval(task) if evaluating and job.cfg.train.evaluate_after else None
     kept = job.state(job.kept_keys()).to_torch_state_dict()
     job.store.save(job.partition_id, job.server_round, join_state(kept, checked_state(job.cfg, task.state)))
@@ -232,7 +237,10 @@ def _train(msg: Message, context: Context) -> Message:
         evidence = weights if mixing else lmc.cost_metrics(job, reference)
         for key, value in evidence.items():
             metrics[key] = value
-    arrays = job.state(None if full else job.received)
+    keys = None if full else job.received
+    if full and shadow.shadowing(job) and not config.get(ANALYSIS_ROUND):  # shadows stand in for their copies
+        keys = shadow.uploaded_keys(job, task)
+    arrays = job.state(keys)
     content = RecordDict({ARRAYS: arrays, METRICS: metrics})
     for name, tensors in task.upload.items():  # per-client records up (fedcac: the critical mask)
         content[name] = ArrayRecord(tensors)

@@ -57,7 +57,7 @@ from fedlayer.analysis.sharing import cost_sample, sharing_costs
 from fedlayer.config import Config, StrategyConfig
 from fedlayer.contract import COST_PREFIX, FINETUNE_METRICS, MIX_PREFIX
 from fedlayer.experiment import cost_generator, holdout_generator
-from fedlayer.models import model_blocks
+from fedlayer.models import model_blocks, tail_blocks
 from fedlayer.training import evaluate, load_state, train_epochs
 
 if TYPE_CHECKING:
@@ -88,8 +88,9 @@ def cost_metrics(job: ClientJob, reference: ArrayRecord | None) -> dict[str, flo
 
 
 def mixing(cfg: Config) -> bool:
-    """Whether clients learn mixing weights (``strategy.lmc_criterion = "mixing"``)."""
-    return cfg.strategy.name == "lmc" and cfg.strategy.lmc_criterion == "mixing"
+    """Whether clients learn mixing weights (``strategy.lmc_criterion = "mixing"``, or ``"shadow"`` for the
+    blocks below the model's tail)."""
+    return cfg.strategy.name == "lmc" and cfg.strategy.lmc_criterion in ("mixing", "shadow")
 
 
 def holdout_split(
@@ -258,10 +259,12 @@ def current_weights(task: LocalTask, blocks: Mapping[str, list[str]]) -> dict[st
 
 
 def _mixable(job: ClientJob, server: Tensors) -> dict[str, list[str]]:
-    """The blocks with a server value and an own copy (model order)."""
+    """The blocks with a server value and an own copy (model order); not the tail blocks that shadows
+    decide (``lmc_criterion = "shadow"``)."""
     own = job.own
+    shadowed = set(tail_blocks(job.model)) if job.cfg.strategy.lmc_criterion == "shadow" else set()
     return {
         b: keys
         for b, keys in model_blocks(job.model).items()
-        if set(keys) <= server.keys() and (not own or set(keys) <= own.keys())
+        if set(keys) <= server.keys() and (not own or set(keys) <= own.keys()) and b not in shadowed
     }
